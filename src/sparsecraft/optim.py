@@ -1,0 +1,369 @@
+"""How penalties are minimised by prox: exact zeros with any torch optimizer.
+
+:class:`ProximalOptimizer` wraps an optimizer. After the inner step it applies
+the prox of every proximable weight term of a :class:`~sparsecraft.Regularizer`
+with the step size the inner optimizer really used for each coordinate
+(forward–backward splitting), or keeps a dense latent copy updated by the inner
+optimizer and shows the model ``prox(latent, γ)`` with the accumulated step γ
+(dual averaging, as in RDA, Xiao 2010, and torchao's prototype PAT).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .regularizer import Regularizer, Term
+
+__all__ = ["ProximalOptimizer", "register_step_rule", "threshold"]
+
+_MODES = ("forward_backward", "latent")
+
+# A step rule returns the prox step the inner optimizer used for ``p``: a float
+# (the same for every coordinate), a tensor written into ``ws`` (per coordinate),
+# or None when the optimizer has no state for ``p`` yet.
+StepRule = Callable[[dict, dict, Tensor, Tensor, float], "float | Tensor | None"]
+_RULES: dict[type, StepRule] = {}
+
+
+def register_step_rule(optimizer_type: type, rule: StepRule) -> None:
+    """Teach :class:`ProximalOptimizer` the step size of another optimizer class.
+
+    ``rule(group, state, param, workspace, floor)`` returns a float, a tensor
+    written into ``workspace`` (same shape as ``param``), or None before the
+    optimizer has state for ``param``.
+    """
+    if not isinstance(optimizer_type, type):
+        raise TypeError(f"Expected an optimizer class. Received: {optimizer_type!r}")
+    _RULES[optimizer_type] = rule
+
+
+def _lr(group: dict) -> float:
+    lr = float(group["lr"])
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"Expected a finite learning rate >= 0 for the prox step. Received: lr={lr}")
+    return lr
+
+
+def _sgd(group, state, p, ws, floor):
+    return _lr(group)
+
+
+def _precondition(ws: Tensor, lr: float, scale: float, eps: float, floor: float) -> Tensor:
+    """``ws`` holds ``sqrt(v)``; turn it into ``lr / (scale·max(sqrt(v), floor·mean) + eps)``.
+
+    The floor guards against the collapse of adaptive prox steps: where a
+    gradient dies, ``v`` decays to 0 and ``lr·λ/eps`` would zero the weight at
+    once, then its neighbours (REFERENCES.md; ProxGen, Yun et al. 2021). A
+    coordinate's step is capped at ``1/floor`` times the step of a coordinate
+    with the tensor's mean ``sqrt(v)``.
+    """
+    if floor > 0:
+        ws.clamp_(min=ws.mean() * floor)
+    ws.add_(eps / scale)
+    return torch.div(torch.tensor(lr / scale, dtype=ws.dtype, device=ws.device), ws, out=ws)
+
+
+def _adam(group, state, p, ws, floor):
+    v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+    if v is None or "step" not in state:
+        return None
+    step = float(state["step"])
+    bc2 = 1.0 - group["betas"][1] ** step
+    torch.sqrt(v, out=ws)
+    return _precondition(ws, _lr(group), 1.0 / math.sqrt(bc2), group["eps"], floor)
+
+
+def _adagrad(group, state, p, ws, floor):
+    if "sum" not in state:
+        return None
+    step = float(state["step"])
+    clr = _lr(group) / (1.0 + (step - 1.0) * group["lr_decay"])
+    torch.sqrt(state["sum"], out=ws)
+    return _precondition(ws, clr, 1.0, group["eps"], floor)
+
+
+def _rmsprop(group, state, p, ws, floor):
+    if "square_avg" not in state:
+        return None
+    if group.get("centered"):
+        torch.addcmul(state["square_avg"], state["grad_avg"], state["grad_avg"], value=-1, out=ws)
+        ws.sqrt_()
+    else:
+        torch.sqrt(state["square_avg"], out=ws)
+    return _precondition(ws, _lr(group), 1.0, group["eps"], floor)
+
+
+for _t in (torch.optim.SGD,):
+    register_step_rule(_t, _sgd)
+for _t in (torch.optim.Adam, torch.optim.AdamW):
+    register_step_rule(_t, _adam)
+register_step_rule(torch.optim.Adagrad, _adagrad)
+register_step_rule(torch.optim.RMSprop, _rmsprop)
+
+
+def _rule_for(optimizer: torch.optim.Optimizer) -> tuple[StepRule, bool]:
+    for cls in type(optimizer).__mro__:
+        if cls in _RULES:
+            return _RULES[cls], True
+    return _sgd, False
+
+
+class ProximalOptimizer(torch.optim.Optimizer):
+    """Wraps any optimizer; after its step, applies the prox of the regularizer's weight terms.
+
+    Args:
+        optimizer: the inner ``torch.optim.Optimizer``. Its ``param_groups`` are
+            shared, so LR schedulers work on either object. A group may carry
+            ``"penalty_scale"`` (default 1.0) to scale the strengths of its terms.
+        regularizer: every weight term with a closed-form prox whose parameter
+            the optimizer holds is applied by prox and leaves ``regularizer.loss()``.
+        mode: ``"forward_backward"`` (default): ``w ← prox_{tR}(inner_step(w))``,
+            with ``t`` the inner optimizer's step (SGD: ``lr``; Adam/AdamW:
+            ``lr/(sqrt(v̂)+eps)``; Adagrad, RMSprop from their state; any other
+            optimizer: ``lr``, with a warning). ``"latent"``: the inner optimizer
+            updates a dense latent copy ``z`` of each parameter, and the model
+            holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken (dual
+            averaging); costs one extra copy of the penalised parameters.
+        floor: guard for adaptive optimizers (see :func:`_precondition`): a
+            coordinate's ``sqrt(v̂)`` is raised to at least ``floor`` times the
+            tensor's mean, so its prox step is at most ``1/floor`` times the
+            typical one. 0 disables the guard; 1 gives one step per tensor.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        regularizer: Regularizer,
+        *,
+        mode: str = "forward_backward",
+        floor: float = 0.1,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Expected a torch.optim.Optimizer. Received: {type(optimizer).__name__}")
+        if isinstance(optimizer, ProximalOptimizer):
+            raise TypeError("Expected an inner optimizer. Received: a ProximalOptimizer (wrap only once)")
+        if not isinstance(regularizer, Regularizer):
+            raise TypeError(f"Expected a sparsecraft.Regularizer. Received: {type(regularizer).__name__}")
+        if mode not in _MODES:
+            raise ValueError(f"Expected mode in {_MODES}. Received: mode={mode!r}")
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise ValueError(f"Expected floor in [0, 1]. Received: floor={floor!r}")
+        self.inner = optimizer
+        self.regularizer = regularizer
+        self.mode = mode
+        self.floor = float(floor)
+        self._rule, known = _rule_for(optimizer)
+        if not known:
+            warnings.warn(
+                f"ProximalOptimizer does not know the step size of {type(optimizer).__name__}; "
+                f"it uses the group's lr as the prox step (register_step_rule() teaches it).",
+                stacklevel=2,
+            )
+        # Share everything a scheduler or a trainer reads off an optimizer.
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._optimizer_step_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_step_post_hooks = type(optimizer._optimizer_step_post_hooks)()
+        self._optimizer_state_dict_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_state_dict_post_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_load_state_dict_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._patch_step_function()
+
+        self._terms = self._bind(regularizer)
+        self._workspaces: dict[tuple, Tensor] = {}
+        self._latent: dict[Tensor, Tensor] = {}
+        self._gamma: dict[Tensor, float] = {}
+        if mode == "latent":
+            with torch.no_grad():
+                for p in self._terms:
+                    self._latent[p] = p.detach().clone()
+                    self._gamma[p] = 0.0
+
+    # -- binding -----------------------------------------------------------------------
+    def _bind(self, reg: Regularizer) -> dict[Tensor, Term]:
+        owned = {p for g in self.param_groups for p in g["params"]}
+        terms: dict[Tensor, Term] = {}
+        missing = []
+        for t in reg.terms:
+            if t.kind != "weight" or not t.penalty.proximable:
+                continue
+            p = t.target
+            if p not in owned:
+                missing.append(t.where)
+                continue
+            if not p.requires_grad:
+                raise ValueError(
+                    f"Expected parameters with requires_grad=True for prox terms. Received: {t.where} "
+                    f"does not require grad"
+                )
+            if p in terms:
+                raise ValueError(
+                    f"Expected at most one prox term per parameter. Received: {terms[p].name} and {t.name} "
+                    f"on {t.where}; combine them into one penalty (e.g. L1L2, SparseGroupLasso)"
+                )
+            terms[p] = t
+        if missing:
+            raise ValueError(
+                f"Expected the regularizer's prox parameters to be in the optimizer. Received: {missing} "
+                f"are not in any of its param_groups"
+            )
+        for t in terms.values():
+            t.prox = True
+        return terms
+
+    def release(self) -> None:
+        """Hand the terms back to the loss (``regularizer.loss()`` includes them again)."""
+        for t in self._terms.values():
+            t.prox = False
+
+    # -- stepping ----------------------------------------------------------------------
+    def _workspace(self, p: Tensor) -> Tensor:
+        key = (p.dtype, p.device)
+        buf = self._workspaces.get(key)
+        if buf is None or buf.numel() < p.numel():
+            # One buffer per dtype/device, sized to the largest parameter, reused by all.
+            buf = torch.empty(max(t.numel() for t in self._terms if (t.dtype, t.device) == key),
+                              dtype=p.dtype, device=p.device)
+            self._workspaces[key] = buf
+        return buf[: p.numel()].view_as(p)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Inner step, then prox (forward–backward), or latent update then prox (latent)."""
+        if self.mode == "latent":
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            active = [p for p in self._terms if p.grad is not None]
+            for p in active:
+                p.copy_(self._latent[p])
+            self.inner.step()
+            for group in self.param_groups:
+                scale = float(group.get("penalty_scale", 1.0))
+                lr = _lr(group)
+                for p in group["params"]:
+                    if p in self._terms and p.grad is not None:
+                        self._latent[p].copy_(p)
+                        term = self._terms[p]
+                        self._gamma[p] += lr
+                        term.penalty.prox_(p, self._gamma[p] * term.scale * scale)
+            return loss
+        loss = self.inner.step(closure)
+        for group in self.param_groups:
+            scale = float(group.get("penalty_scale", 1.0))
+            for p in group["params"]:
+                term = self._terms.get(p)
+                if term is None or p.grad is None:
+                    continue
+                self._prox(term, p, group, scale * term.scale)
+        return loss
+
+    def _prox(self, term: Term, p: Tensor, group: dict, scale: float) -> None:
+        state = self.inner.state.get(p, {})
+        ws = self._workspace(p) if self._rule is not _sgd else None
+        step = self._rule(group, state, p, ws, self.floor)
+        if step is None:
+            return
+        if isinstance(step, float):
+            term.penalty.prox_(p, step * scale)
+            return
+        if scale != 1.0:
+            step.mul_(scale)
+        pen = term.penalty
+        if not pen.separable:
+            # Group penalties need one step per group: the mean of the group's steps.
+            lay = pen.layout(p)
+            step = _group_mean(step, lay)
+        pen.prox_(p, step)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    # -- state -------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Inner optimizer state plus the prox state (latent copies and accumulated steps)."""
+        index = {p: i for i, p in enumerate(self._params())}
+        return {
+            "inner": self.inner.state_dict(),
+            "prox": {
+                "mode": self.mode,
+                "floor": self.floor,
+                "latent": {index[p]: z.clone() for p, z in self._latent.items()},
+                "gamma": {index[p]: g for p, g in self._gamma.items()},
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or set(state_dict) != {"inner", "prox"}:
+            raise ValueError(
+                "Expected a ProximalOptimizer state_dict with keys 'inner' and 'prox'. "
+                f"Received keys: {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
+            )
+        prox = state_dict["prox"]
+        if prox["mode"] != self.mode:
+            raise ValueError(f"Expected a state_dict of mode {self.mode!r}. Received: mode={prox['mode']!r}")
+        self.inner.load_state_dict(state_dict["inner"])
+        # The inner load rebuilt its param_groups list: share it again.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        params = self._params()
+        with torch.no_grad():
+            for i, z in prox["latent"].items():
+                self._latent[params[int(i)]].copy_(z)
+        for i, g in prox["gamma"].items():
+            self._gamma[params[int(i)]] = float(g)
+
+    def __repr__(self) -> str:
+        return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "
+                f"{len(self._terms)} prox terms)")
+
+
+def _group_mean(step: Tensor, lay: Any) -> Tensor:
+    other = [d for d in range(step.ndim) if d != lay.dim]
+    per_slice = step.mean(dim=other) if other else step
+    if lay.index is None:
+        return per_slice
+    sums = torch.zeros(lay.n_groups, dtype=step.dtype, device=step.device).index_add_(0, lay.index, per_slice)
+    counts = torch.bincount(lay.index, minlength=lay.n_groups).clamp_min(1)
+    return sums / counts
+
+
+@torch.no_grad()
+def threshold(model: nn.Module, tol: float, params: str = "*") -> dict[str, dict[str, float]]:
+    """Zero every weight with ``|w| <= tol``: for models trained with the penalty in the loss.
+
+    An L1 penalty minimised by SGD or Adam leaves weights small, never zero;
+    this makes them zero. Matching parameters are selected by a glob on their
+    names. Returns, per parameter, how many values were zeroed, the zeros
+    before and after, and the largest magnitude removed.
+    """
+    import fnmatch
+
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"Expected a finite tol >= 0. Received: tol={tol!r}")
+    report = {}
+    for name, p in model.named_parameters():
+        if not fnmatch.fnmatchcase(name, params) or not p.is_floating_point():
+            continue
+        mask = p.abs() <= tol
+        before = int((p == 0).sum())
+        removed = float(p[mask].abs().max()) if bool(mask.any()) else 0.0
+        p.masked_fill_(mask, 0.0)
+        after = int(mask.sum())
+        report[name] = {"numel": p.numel(), "zeros_before": before, "zeros_after": after,
+                        "zeroed": after - before, "max_removed": removed}
+    if not report:
+        raise ValueError(f"Expected params={params!r} to match parameters of the model. Received: no match")
+    return report
