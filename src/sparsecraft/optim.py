@@ -13,30 +13,39 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .regularizer import Regularizer, Term
 
-__all__ = ["ProximalOptimizer", "register_step_rule", "threshold"]
+__all__ = ["ProximalOptimizer", "AdaptiveStep", "register_step_rule", "threshold"]
 
 _MODES = ("forward_backward", "latent")
 
 # A step rule returns the prox step the inner optimizer used for ``p``: a float
-# (the same for every coordinate), a tensor written into ``ws`` (per coordinate),
-# or None when the optimizer has no state for ``p`` yet.
-StepRule = Callable[[dict, dict, Tensor, Tensor, float], "float | Tensor | None"]
+# (the same for every coordinate); an AdaptiveStep after writing the square root
+# of the optimizer's second-moment estimate into ``ws`` (the step is then
+# ``lr / (scale·ws + eps)`` per coordinate); or None before the optimizer has
+# state for ``p``.
+class AdaptiveStep(NamedTuple):
+    lr: float
+    scale: float
+    eps: float
+
+
+StepRule = Callable[[dict, dict, Tensor, Tensor], "float | AdaptiveStep | None"]
 _RULES: dict[type, StepRule] = {}
 
 
 def register_step_rule(optimizer_type: type, rule: StepRule) -> None:
     """Teach :class:`ProximalOptimizer` the step size of another optimizer class.
 
-    ``rule(group, state, param, workspace, floor)`` returns a float, a tensor
-    written into ``workspace`` (same shape as ``param``), or None before the
-    optimizer has state for ``param``.
+    ``rule(group, state, param, workspace)`` returns a float step, or writes
+    ``sqrt(second moment)`` into ``workspace`` and returns
+    ``AdaptiveStep(lr, scale, eps)`` (step ``lr / (scale·workspace + eps)``), or
+    None before the optimizer has state for ``param``.
     """
     if not isinstance(optimizer_type, type):
         raise TypeError(f"Expected an optimizer class. Received: {optimizer_type!r}")
@@ -50,45 +59,28 @@ def _lr(group: dict) -> float:
     return lr
 
 
-def _sgd(group, state, p, ws, floor):
+def _sgd(group, state, p, ws):
     return _lr(group)
 
 
-def _precondition(ws: Tensor, lr: float, scale: float, eps: float, floor: float) -> Tensor:
-    """``ws`` holds ``sqrt(v)``; turn it into ``lr / (scale·max(sqrt(v), floor·mean) + eps)``.
-
-    The floor guards against the collapse of adaptive prox steps: where a
-    gradient dies, ``v`` decays to 0 and ``lr·λ/eps`` would zero the weight at
-    once, then its neighbours (REFERENCES.md; ProxGen, Yun et al. 2021). A
-    coordinate's step is capped at ``1/floor`` times the step of a coordinate
-    with the tensor's mean ``sqrt(v)``.
-    """
-    if floor > 0:
-        ws.clamp_(min=ws.mean() * floor)
-    ws.add_(eps / scale)
-    return torch.div(torch.tensor(lr / scale, dtype=ws.dtype, device=ws.device), ws, out=ws)
-
-
-def _adam(group, state, p, ws, floor):
+def _adam(group, state, p, ws):
     v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
     if v is None or "step" not in state:
         return None
-    step = float(state["step"])
-    bc2 = 1.0 - group["betas"][1] ** step
+    bc2 = 1.0 - group["betas"][1] ** float(state["step"])
     torch.sqrt(v, out=ws)
-    return _precondition(ws, _lr(group), 1.0 / math.sqrt(bc2), group["eps"], floor)
+    return AdaptiveStep(_lr(group), 1.0 / math.sqrt(bc2), group["eps"])
 
 
-def _adagrad(group, state, p, ws, floor):
+def _adagrad(group, state, p, ws):
     if "sum" not in state:
         return None
-    step = float(state["step"])
-    clr = _lr(group) / (1.0 + (step - 1.0) * group["lr_decay"])
+    clr = _lr(group) / (1.0 + (float(state["step"]) - 1.0) * group["lr_decay"])
     torch.sqrt(state["sum"], out=ws)
-    return _precondition(ws, clr, 1.0, group["eps"], floor)
+    return AdaptiveStep(clr, 1.0, group["eps"])
 
 
-def _rmsprop(group, state, p, ws, floor):
+def _rmsprop(group, state, p, ws):
     if "square_avg" not in state:
         return None
     if group.get("centered"):
@@ -96,11 +88,10 @@ def _rmsprop(group, state, p, ws, floor):
         ws.sqrt_()
     else:
         torch.sqrt(state["square_avg"], out=ws)
-    return _precondition(ws, _lr(group), 1.0, group["eps"], floor)
+    return AdaptiveStep(_lr(group), 1.0, group["eps"])
 
 
-for _t in (torch.optim.SGD,):
-    register_step_rule(_t, _sgd)
+register_step_rule(torch.optim.SGD, _sgd)
 for _t in (torch.optim.Adam, torch.optim.AdamW):
     register_step_rule(_t, _adam)
 register_step_rule(torch.optim.Adagrad, _adagrad)
@@ -130,10 +121,13 @@ class ProximalOptimizer(torch.optim.Optimizer):
             updates a dense latent copy ``z`` of each parameter, and the model
             holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken (dual
             averaging); costs one extra copy of the penalised parameters.
-        floor: guard for adaptive optimizers (see :func:`_precondition`): a
-            coordinate's ``sqrt(v̂)`` is raised to at least ``floor`` times the
-            tensor's mean, so its prox step is at most ``1/floor`` times the
-            typical one. 0 disables the guard; 1 gives one step per tensor.
+        floor: guard for adaptive optimizers. Where a gradient dies, ``v̂`` decays
+            to 0 and the threshold ``lr·λ/(sqrt(v̂)+eps)`` explodes, zeroing the
+            weight, then its neighbours (REFERENCES.md; ProxGen, Yun et al.
+            2021). Each coordinate's ``sqrt(v̂)`` is raised to at least
+            ``floor`` times the largest mean ``sqrt(v̂)`` the tensor has had, so
+            its prox step is at most ``1/floor`` times a typical one. 0
+            disables the guard.
     """
 
     def __init__(
@@ -181,6 +175,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
         self._workspaces: dict[tuple, Tensor] = {}
         self._latent: dict[Tensor, Tensor] = {}
         self._gamma: dict[Tensor, float] = {}
+        self._typical: dict[Tensor, Tensor] = {}
         if mode == "latent":
             with torch.no_grad():
                 for p in self._terms:
@@ -270,20 +265,29 @@ class ProximalOptimizer(torch.optim.Optimizer):
     def _prox(self, term: Term, p: Tensor, group: dict, scale: float) -> None:
         state = self.inner.state.get(p, {})
         ws = self._workspace(p) if self._rule is not _sgd else None
-        step = self._rule(group, state, p, ws, self.floor)
+        step = self._rule(group, state, p, ws)
         if step is None:
             return
         if isinstance(step, float):
             term.penalty.prox_(p, step * scale)
             return
-        if scale != 1.0:
-            step.mul_(scale)
+        if self.floor > 0:
+            # The floor is anchored to the largest typical sqrt(v) seen so far:
+            # when a whole layer's gradients fade, its thresholds cannot grow
+            # without bound (the cascade behind the Adam-prox collapse).
+            typical = ws.mean()
+            ref = self._typical.get(p)
+            ref = typical if ref is None else torch.maximum(ref, typical)
+            self._typical[p] = ref
+            ws.clamp_(min=ref * self.floor)
+        ws.add_(step.eps / step.scale)
+        lr = torch.tensor(step.lr * scale / step.scale, dtype=ws.dtype, device=ws.device)
+        t = torch.div(lr, ws, out=ws)
         pen = term.penalty
         if not pen.separable:
             # Group penalties need one step per group: the mean of the group's steps.
-            lay = pen.layout(p)
-            step = _group_mean(step, lay)
-        pen.prox_(p, step)
+            t = _group_mean(t, pen.layout(p))
+        pen.prox_(p, t)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -302,6 +306,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
                 "floor": self.floor,
                 "latent": {index[p]: z.clone() for p, z in self._latent.items()},
                 "gamma": {index[p]: g for p, g in self._gamma.items()},
+                "typical": {index[p]: t.clone() for p, t in self._typical.items()},
             },
         }
 
@@ -324,6 +329,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
                 self._latent[params[int(i)]].copy_(z)
         for i, g in prox["gamma"].items():
             self._gamma[params[int(i)]] = float(g)
+        self._typical = {params[int(i)]: t.clone() for i, t in prox.get("typical", {}).items()}
 
     def __repr__(self) -> str:
         return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "

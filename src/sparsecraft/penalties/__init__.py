@@ -56,7 +56,7 @@ def _lookup(name: str) -> type[Penalty]:
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY) + list(_ALIASES), n=3)
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"Expected a penalty name among {names()}. Received: {name!r}.{hint}")
+        raise ValueError(f"Expected a penalty name among {names()}. Received: name={name!r}.{hint}")
     return _REGISTRY[key]
 
 
@@ -88,7 +88,7 @@ def _from_spec(spec: str) -> Penalty:
             f"Expected at most {len(fields)} values for {cls.name} "
             f"({', '.join(f.name for f in fields)}). Received: {spec!r}"
         )
-    kwargs = {f.name: _parse_arg(cls, f, a) for f, a in zip(fields, args) if a != ""}
+    kwargs = {f.name: _parse_arg(cls, f, a) for f, a in zip(fields, args, strict=False) if a != ""}
     return cls(**kwargs)
 
 
