@@ -7,7 +7,9 @@ the loss or, for exact zeros, by a :class:`ProximalOptimizer`.
 
 from __future__ import annotations
 
-from . import functional, penalties
+from . import datasets, functional, metrics, penalties
+from .metrics import ActivationMonitor, SparsityReport, sparsity
+from .optim import ProximalOptimizer, register_step_rule, threshold
 from .penalties import (
     L0,
     L1,
@@ -26,6 +28,14 @@ from .regularizer import Explanation, Regularizer, Term, regularize
 __version__ = "0.1.0"
 
 __all__ = [
+    "datasets",
+    "metrics",
+    "ProximalOptimizer",
+    "register_step_rule",
+    "threshold",
+    "sparsity",
+    "SparsityReport",
+    "ActivationMonitor",
     "functional",
     "penalties",
     "Penalty",
