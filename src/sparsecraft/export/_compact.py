@@ -1,0 +1,243 @@
+"""``compact``: remove zero units/channels and return a smaller dense model."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from sparsecraft.export._graph import Analysis, Layout, analyse, column_weights
+from sparsecraft.export._trace import call_args, trace
+from sparsecraft.metrics import flops
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """How one layer was resized.
+
+    Attributes:
+        name: Qualified module name.
+        kind: Module type name.
+        shape_before: Weight shape before (``(num_features,)`` for BatchNorm).
+        shape_after: Weight shape after.
+    """
+
+    name: str
+    kind: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+
+
+@dataclass
+class CompactReport:
+    """What :func:`compact` did.
+
+    Attributes:
+        layers: The resized layers.
+        skipped: ``(name, reason)`` of layers and operations compact did not
+            follow; the units flowing through them were kept.
+        params_before: Parameter count of the original model.
+        params_after: Parameter count of the compacted model.
+        flops_before: ``sparsecraft.metrics.flops`` of the original on the example inputs.
+        flops_after: The same for the compacted model.
+        max_abs_diff: Largest absolute difference between the outputs of the
+            original (eval mode) and of the compacted model on the example inputs.
+    """
+
+    layers: list[LayerChange] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    max_abs_diff: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-serialisable Python values."""
+        out = asdict(self)
+        out["layers"] = [
+            {**asdict(c), "shape_before": list(c.shape_before), "shape_after": list(c.shape_after)}
+            for c in self.layers
+        ]
+        out["skipped"] = [{"name": n, "reason": r} for n, r in self.skipped]
+        return out
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
+        return float("inf")
+    diffs = [float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb, strict=True)
+             if x.numel()]
+    return max(diffs, default=0.0)
+
+
+def _replace(model: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    """Replaces every reference to ``target`` inside ``model`` by ``new``."""
+    for module in list(model.modules()):
+        for child_name, child in list(module._modules.items()):
+            if child is target:
+                setattr(module, child_name, new)
+
+
+def _resize_layer(
+    module: nn.Module, rows: torch.Tensor | None, layout: Layout | None, keep_in: torch.Tensor | None
+) -> nn.Module | None:
+    """A copy of a Linear/Conv with output ``rows`` kept and input channels ``keep_in`` kept.
+
+    Constant input channels that are dropped are folded into the bias.
+    Returns ``None`` when nothing changes.
+    """
+    weight = module.weight.detach()
+    out_features = weight.shape[0]
+    rows = rows if rows is not None else torch.ones(out_features, dtype=torch.bool)
+    bias = (
+        module.bias.detach().double() if module.bias is not None
+        else torch.zeros(out_features, dtype=torch.float64)
+    )
+    cols = None
+    if layout is not None and keep_in is not None and not keep_in.all():
+        dropped = ~keep_in & layout.is_const
+        fold = torch.where(dropped, layout.const, 0.0)
+        bias = bias + column_weights(module, layout.rep) @ fold
+        cols = keep_in.repeat_interleave(layout.rep)
+    if rows.all() and cols is None:
+        return None
+    new = copy.deepcopy(module)
+    w = weight[rows] if cols is None else weight[rows][:, cols]
+    new.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
+    needs_bias = module.bias is not None or bool((bias != 0).any())
+    new.bias = nn.Parameter(bias[rows].to(weight.dtype)) if needs_bias else None
+    if isinstance(module, nn.Linear):
+        new.out_features, new.in_features = w.shape[0], w.shape[1]
+    else:
+        new.out_channels, new.in_channels = w.shape[0], w.shape[1]
+    return new
+
+
+def _resize_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module | None:
+    if keep.all():
+        return None
+    new = copy.deepcopy(module)
+    for name in ("weight", "bias"):
+        p = getattr(module, name)
+        if p is not None:
+            setattr(new, name, nn.Parameter(p.detach()[keep].clone(), requires_grad=p.requires_grad))
+    new.running_mean = module.running_mean[keep].clone()
+    new.running_var = module.running_var[keep].clone()
+    new.num_features = int(keep.sum())
+    return new
+
+
+def _shape_of(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (module.num_features,)
+    return tuple(module.weight.shape)
+
+
+def _rewrite(model: nn.Module, result: Analysis) -> list[LayerChange]:
+    spaces, keep = result.spaces, result.keep
+    changes = []
+    modules = dict(model.named_modules())
+    for name in sorted(set(result.producers) | set(result.consumers)):
+        module = modules[name]
+        rows = keep[spaces.find(result.producers[name])] if name in result.producers else None
+        layout = result.consumers.get(name)
+        keep_in = keep[spaces.find(layout.space)] if layout is not None else None
+        new = _resize_layer(module, rows, layout, keep_in)
+        if new is not None:
+            changes.append(LayerChange(name, type(module).__name__, _shape_of(module),
+                                       _shape_of(new)))
+            _replace(model, module, new)
+    for name, space in sorted(result.norms.items()):
+        module = modules[name]
+        new = _resize_norm(module, keep[spaces.find(space)])
+        if new is not None:
+            changes.append(LayerChange(name, type(module).__name__, _shape_of(module),
+                                       _shape_of(new)))
+            _replace(model, module, new)
+    return changes
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactReport]:
+    """Removes zero structure from ``model``: a smaller dense model with the same outputs.
+
+    The model is traced with ``torch.fx`` and every chain producer -> consumer
+    through ``Linear``, ``Conv1d/2d/3d`` (``groups=1``), ``BatchNorm``
+    (running statistics), element-wise activations, dropout, pooling,
+    flatten and residual add/sub/mul is followed. A unit (output feature or
+    channel) is removed when no consumer needs it:
+
+    * its consumers' weight columns for it are all zero (its value is unused), or
+    * its value is a known constant: a unit whose incoming weights are all zero
+      outputs ``act(bias)`` (through BatchNorm, its shifted constant); that
+      constant is folded into the consumers' biases. A constant entering a
+      zero-padded convolution is only folded when it is 0 (borders differ otherwise).
+
+    Layers and operations it cannot follow (other layer types, shared modules,
+    modules whose forward cannot be traced, reshapes other than flatten,
+    concatenation, ...) are left as they are, the units flowing through them
+    are kept, and ``report.skipped`` says which and why. Model outputs keep all
+    their units. Every resized layer keeps at least one unit.
+
+    The original model is not modified. The result is a copy of it (same
+    classes; only Linear/Conv/BatchNorm submodules are replaced by smaller
+    ones) in eval mode: its outputs equal the original's eval-mode outputs up
+    to float rounding (``report.max_abs_diff`` is measured on the example
+    inputs). A Linear/Conv without bias gets one when a constant is folded into it.
+
+    Args:
+        model: The model to compact.
+        example_inputs: Inputs for one forward call: a tensor, a tuple/list
+            of positional inputs, or a dict of keyword inputs.
+
+    Returns:
+        ``(compacted_model, report)``; see :class:`CompactReport`.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or the inputs do not fit it.
+    """
+    args, kwargs = call_args(model, example_inputs)
+    work = copy.deepcopy(model).eval()
+    report = CompactReport()
+    with torch.no_grad():
+        reference = work(*args, **kwargs)
+    report.params_before = sum(p.numel() for p in work.parameters())
+    report.flops_before = flops(work, example_inputs)
+    try:
+        gm, values, opaque = trace(work, args, kwargs)
+    except RuntimeError as err:
+        report.skipped.append(("", str(err)))
+        report.params_after, report.flops_after = report.params_before, report.flops_before
+        return work, report
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*values)
+    result = analyse(gm, opaque, _floating_dtype(work))
+    report.skipped = list(result.skipped)
+    with torch.no_grad():
+        report.layers = _rewrite(work, result)
+        report.max_abs_diff = _max_abs_diff(reference, work(*args, **kwargs))
+    report.params_after = sum(p.numel() for p in work.parameters())
+    report.flops_after = flops(work, example_inputs)
+    return work, report
