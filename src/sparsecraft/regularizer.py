@@ -356,16 +356,20 @@ class Regularizer:
     def _select(self, selector: Any) -> list[tuple[str, nn.Parameter]]:
         named = self._named_params()
         pname = "weight"
-        if isinstance(selector, tuple) and len(selector) == 2 and isinstance(selector[1], str):
+        pair = isinstance(selector, tuple) and len(selector) == 2 and isinstance(selector[1], str)
+        if pair:
             selector, pname = selector
         if isinstance(selector, nn.Parameter):
             return [(self._name_of(selector, named, "param"), selector)]
         if isinstance(selector, str):
+            if pair:
+                # ("encoder.*", "bias") names modules: their `bias`, never their other parameters.
+                selector = f"{selector}.{pname}" if selector else pname
             if any(c in selector for c in "*?["):
                 found = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, selector)]
             else:
                 found = [(n, p) for n, p in named if n == selector]
-                if not found and self.model is not None:
+                if not found and self.model is not None and not pair:
                     found = [(n, p) for n, p in named if n == f"{selector}.{pname}"]
             if not found:
                 close = difflib.get_close_matches(selector, [n for n, _ in named], n=5, cutoff=0.4)
@@ -416,6 +420,8 @@ def regularize(
     ``Dense(3, kernel_regularizer=L1(0.1))``. Returns the :class:`Regularizer`;
     add its :meth:`~Regularizer.loss` to your loss.
     """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"Expected reduction in {_REDUCTIONS}. Received: reduction={reduction!r}")
     reg = Regularizer(module)
     if weight is not None:
         reg.add_weight((module, "weight"), weight)
