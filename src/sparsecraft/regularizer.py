@@ -260,9 +260,9 @@ class Regularizer:
         return total
 
     def value(self) -> Tensor:
-        """The detached total of every term, prox terms included."""
+        """The detached total of every term, prox terms included (float64, on the CPU)."""
         with torch.no_grad():
-            return sum((t.current().detach().float().cpu() for t in self._terms), torch.zeros(()))
+            return sum((t.current().detach().double().cpu() for t in self._terms), torch.zeros((), dtype=torch.float64))
 
     def explain(self) -> Explanation:
         """A table of the terms: where each applies, its formula with numbers, its value."""
