@@ -260,9 +260,12 @@ class Regularizer:
         return total
 
     def value(self) -> Tensor:
-        """The detached total of every term, prox terms included (float64, on the CPU)."""
+        """The detached total of every term, prox terms included (on the CPU, in the terms' dtype)."""
+        total = torch.zeros(())
         with torch.no_grad():
-            return sum((t.current().detach().double().cpu() for t in self._terms), torch.zeros((), dtype=torch.float64))
+            for t in self._terms:
+                total = total + t.current().detach().cpu()
+        return total
 
     def explain(self) -> Explanation:
         """A table of the terms: where each applies, its formula with numbers, its value."""
