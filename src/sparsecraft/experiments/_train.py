@@ -1,0 +1,206 @@
+"""The shared training loop and what every run reports (:class:`RunResult`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..datasets import Split, mlp
+from ..regularizer import Regularizer
+
+__all__ = [
+    "RunResult",
+    "build_model",
+    "evaluate",
+    "make_optimizer",
+    "train",
+    "weight_names",
+    "weight_sparsity",
+]
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class RunResult:
+    """What one training run produced.
+
+    Attributes:
+        method: The method name (``"dense"``, ``"prox"``, ...).
+        accuracy: Test accuracy (classification) or minus the test MSE.
+        sparsity: Fraction of exact zeros over the weight matrices (ndim >= 2).
+        nonzero: Non-zero parameters, biases included.
+        seconds: Wall time of the whole method (a reused dense training included).
+        model: The trained model.
+        history: One record per epoch (loss, metric, sparsity, ...).
+        config: The knobs the method ran with (λ, target, optimizer, seed, ...).
+        details: Other measurements of the method (e.g. sparsity before thresholding).
+    """
+
+    method: str
+    accuracy: float
+    sparsity: float
+    nonzero: int
+    seconds: float
+    model: nn.Module = field(repr=False)
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+    config: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """A flat JSON-ready dict: the numbers, the knobs and the details."""
+        return {"method": self.method, "accuracy": self.accuracy, "sparsity": self.sparsity,
+                "nonzero": self.nonzero, "seconds": self.seconds, **self.config, **self.details}
+
+
+def _effective(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter as the forward sees it.
+
+    ``torch.nn.utils.prune`` replaces ``weight`` by a ``weight_orig`` parameter
+    and a ``weight_mask`` buffer; the forward uses their product, so that is
+    what is counted (the dense ``weight_orig`` would show no zeros).
+    """
+    for mname, module in model.named_modules():
+        buffers = dict(module.named_buffers(recurse=False))
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if pname.endswith("_orig") and f"{pname[:-5]}_mask" in buffers:
+                yield name[:-5], p.detach() * buffers[f"{pname[:-5]}_mask"]
+            else:
+                yield name, p.detach()
+
+
+def weight_names(model: nn.Module) -> list[str]:
+    """Names of the weight matrices and kernels (ndim >= 2): what sparsity is measured over."""
+    return [n for n, p in _effective(model) if p.ndim >= 2]
+
+
+@torch.no_grad()
+def weight_sparsity(model: nn.Module) -> tuple[float, int]:
+    """Fraction of exact zeros over the weight matrices, and the non-zero count of all parameters.
+
+    Pruning masks of ``torch.nn.utils.prune`` are taken into account.
+    """
+    zeros = numel = nonzero = 0
+    for _, p in _effective(model):
+        nz = int(torch.count_nonzero(p))
+        nonzero += nz
+        if p.ndim >= 2:
+            zeros += p.numel() - nz
+            numel += p.numel()
+    return zeros / max(numel, 1), nonzero
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split) -> float:
+    """Test accuracy (classification) or minus the test mean squared error (regression)."""
+    was_training = model.training
+    model.eval()
+    out = model(data.X_test)
+    model.train(was_training)
+    if data.task == "classification":
+        return float((out.argmax(1) == data.y_test).float().mean())
+    return -float(((out - data.y_test) ** 2).mean())
+
+
+def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
+    """``"sgd"`` (momentum 0.9, lr 0.05) or ``"adam"`` (lr 1e-3): the two optimizers the methods use.
+
+    Raises:
+        ValueError: On another name.
+    """
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05 if lr is None else lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3 if lr is None else lr)
+    raise ValueError(f"Expected optimizer in ('sgd', 'adam'). Received: optimizer={name!r}")
+
+
+def build_model(data: Split, hidden: tuple[int, ...] = (256, 256), seed: int = 0) -> nn.Sequential:
+    """The MLP the methods train on ``data``: ``mlp(n_features, hidden, n_out)`` seeded with ``seed``."""
+    torch.manual_seed(seed)
+    n_out = data.n_classes if data.n_classes is not None else data.y_train.shape[1]
+    return mlp(data.n_features, hidden, n_out)
+
+
+def steps_per_epoch(data: Split, batch_size: int = 64) -> int:
+    """Optimizer steps in one epoch of :func:`train`."""
+    return -(-data.n_train // batch_size)
+
+
+def _loss_fn(data: Split) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if data.task == "classification":
+        return nn.functional.cross_entropy
+    return nn.functional.mse_loss
+
+
+def train(
+    model: nn.Module,
+    data: Split,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    regularizer: Regularizer | None = None,
+    controller: Any = None,
+    seed: int = 0,
+    after_step: Callable[[], None] | None = None,
+    on_epoch: Callback | None = None,
+) -> list[dict[str, float]]:
+    """Minibatch training; returns the per-epoch history (loss, test metric, weight sparsity).
+
+    ``regularizer.loss()`` is added to the data loss; ``controller.step()`` runs
+    after each optimizer step and ``controller.record()`` is merged into each
+    epoch's record; ``after_step`` runs after each step too (masks of pruning
+    methods). ``on_epoch(epoch, record)`` is called after each epoch (progress bars).
+
+    Raises:
+        ValueError: If ``epochs`` or ``batch_size`` is below 1.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(
+            f"Expected epochs >= 1 and batch_size >= 1. Received: epochs={epochs}, batch_size={batch_size}"
+        )
+    loss_fn = _loss_fn(data)
+    g = torch.Generator().manual_seed(seed)
+    n = data.n_train
+    history = []
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(data.X_train[idx]), data.y_train[idx])
+            if regularizer is not None:
+                loss = loss + regularizer.loss()
+            loss.backward()
+            optimizer.step()
+            if controller is not None:
+                controller.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach()) * len(idx)
+        sparsity, nonzero = weight_sparsity(model)
+        record = {"epoch": epoch + 1, "loss": total / n, "metric": evaluate(model, data),
+                  "sparsity": sparsity, "nonzero": nonzero}
+        if controller is not None:
+            record.update(controller.record())
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+    return history
+
+
+def result(method: str, model: nn.Module, data: Split, t0: float, history: list[dict[str, float]],
+           config: dict[str, Any], details: dict[str, Any] | None = None) -> RunResult:
+    """Measures ``model`` on ``data`` and packs a :class:`RunResult` (time since ``t0``)."""
+    sparsity, nonzero = weight_sparsity(model)
+    return RunResult(method, evaluate(model, data), sparsity, nonzero, time.perf_counter() - t0,
+                     model, history, config, details or {})
