@@ -82,12 +82,13 @@ def soft_threshold_(v: Tensor, workspace: Tensor) -> Tensor:
     is the optimizer's hot path, which owns the buffer and wants no temporary of
     ``v``'s size. Same result as :func:`soft_threshold`.
     """
-    # w = sign(v)·τ; v' = v − w keeps its sign iff |v| > τ, so w·v' >= 0 marks
-    # the survivors (τ = 0 keeps everything).
+    # w = sign(v)·τ; v' = v − w keeps its sign iff |v| > τ, so sign(w)·v' >= 0 marks
+    # the survivors (τ = 0 keeps everything). sign(w)·v' is exact; w·v' would
+    # underflow to -0 for tiny τ and let v = 0 become −τ.
     w = workspace
     torch.copysign(w, v, out=w)
     v.sub_(w)
-    w.mul_(v)
+    w.sign_().mul_(v)
     torch.heaviside(w, w.new_ones(()), out=w)
     return v.mul_(w)
 
