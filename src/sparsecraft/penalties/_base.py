@@ -111,8 +111,22 @@ class Penalty:
             )
         check_input(v, f"{type(self).__name__}.prox")
         step = F.check_step(step)
-        if isinstance(step, Tensor) and step.numel() > 1 and not self.separable:
-            self._check_group_step(v, step)
+        if isinstance(step, Tensor):
+            if self.separable:
+                # A step that broadcasts to a larger shape would change the result's shape.
+                try:
+                    fits = torch.broadcast_shapes(step.shape, v.shape) == v.shape
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    raise ValueError(
+                        f"Expected a step broadcastable to the shape of v, {tuple(v.shape)}. "
+                        f"Received: step of shape {tuple(step.shape)}"
+                    )
+            elif step.numel() == 1:
+                step = step.reshape(())
+            else:
+                self._check_group_step(v, step)
         return self._prox(v, step, out, False)
 
     def prox_(self, v: Tensor, step: float | Tensor) -> Tensor:

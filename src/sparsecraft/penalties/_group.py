@@ -62,6 +62,8 @@ class _Grouped:
 
     def layout(self, x: Tensor) -> GroupLayout:
         """The groups of ``x``; raises ``ValueError`` if the spec does not fit its shape."""
+        # sqrt(|g|) in float32 for a float64 tensor would shift every threshold by ~1e-8.
+        wdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if isinstance(self.groups, str):
             dim = _NAMED_GROUPS[self.groups]
             if x.ndim < 2:
@@ -71,7 +73,7 @@ class _Grouped:
                 )
             n = x.shape[dim]
             size = x.numel() // max(n, 1)
-            sizes = torch.full((n,), float(size), device=x.device)
+            sizes = torch.full((n,), float(size), dtype=wdtype, device=x.device)
             index = None
         else:
             if not -x.ndim <= self.dim < x.ndim:
@@ -88,7 +90,7 @@ class _Grouped:
             index = _index_tensor(self.groups, x.device)
             n = max(self.groups) + 1
             per_slice = x.numel() // max(x.shape[dim], 1)
-            sizes = torch.bincount(index, minlength=n).to(torch.float32) * per_slice
+            sizes = torch.bincount(index, minlength=n).to(wdtype) * per_slice
         w = sizes.sqrt() if self.weights == "sqrt_size" else torch.ones_like(sizes)
         return GroupLayout(dim, index, n, w.to(x.dtype))
 
@@ -111,8 +113,11 @@ class _Grouped:
 
 def _per_slice(step: float | Tensor, lay: GroupLayout, ndim: int) -> float | Tensor:
     """Broadcast a per-group step to the tensor's slices along the group dim."""
-    if not isinstance(step, Tensor) or step.ndim == 0:
+    if not isinstance(step, Tensor):
         return step
+    if step.numel() == 1:
+        # one step for all groups, whatever its shape (indexing it by group would fail)
+        return step.reshape(())
     s = step[lay.index] if lay.index is not None else step
     view = [1] * ndim
     view[lay.dim] = -1

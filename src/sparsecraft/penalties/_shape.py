@@ -60,8 +60,10 @@ class Orthogonal(Penalty, register="orthogonal"):
                 f"Expected at least 2 {self.mode} for Orthogonal (it compares pairs). "
                 f"Received: shape={tuple(x.shape)}"
             )
-        # Keras normalises with x·min(rsqrt(Σx²), 1/ε), ε = 1e-7.
-        inv = torch.rsqrt(v.square().sum(dim=1, keepdim=True)).clamp(max=1e7)
+        # Keras normalises with x·min(rsqrt(Σx²), 1/ε), ε = 1e-7. rsqrt(max(Σx², ε²)) is the
+        # same number, and its gradient stays finite at a zero row (sparse weights have
+        # them), where clamping rsqrt's output gives 0·inf = NaN.
+        inv = torch.rsqrt(v.square().sum(dim=1, keepdim=True).clamp(min=1e-14))
         u = v * inv
         gram = u @ u.T
         off = gram - torch.diag_embed(torch.diagonal(gram))
