@@ -106,7 +106,7 @@ def _resize_layer(
     out_features = weight.shape[0]
     rows = rows if rows is not None else torch.ones(out_features, dtype=torch.bool)
     bias = (
-        module.bias.detach().double() if module.bias is not None
+        module.bias.detach().cpu().double() if module.bias is not None
         else torch.zeros(out_features, dtype=torch.float64)
     )
     cols = None
@@ -118,10 +118,12 @@ def _resize_layer(
     if rows.all() and cols is None:
         return None
     new = copy.deepcopy(module)
-    w = weight[rows] if cols is None else weight[rows][:, cols]
+    rows = rows.to(weight.device)
+    w = weight[rows] if cols is None else weight[rows][:, cols.to(weight.device)]
     new.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
     needs_bias = module.bias is not None or bool((bias != 0).any())
-    new.bias = nn.Parameter(bias[rows].to(weight.dtype)) if needs_bias else None
+    new_bias = bias[rows.cpu()].to(weight)
+    new.bias = nn.Parameter(new_bias) if needs_bias else None
     if isinstance(module, nn.Linear):
         new.out_features, new.in_features = w.shape[0], w.shape[1]
     else:
@@ -133,6 +135,7 @@ def _resize_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module | None:
     if keep.all():
         return None
     new = copy.deepcopy(module)
+    keep = keep.to(module.running_mean.device)
     for name in ("weight", "bias"):
         p = getattr(module, name)
         if p is not None:
@@ -173,11 +176,12 @@ def _rewrite(model: nn.Module, result: Analysis) -> list[LayerChange]:
     return changes
 
 
-def _floating_dtype(model: nn.Module) -> torch.dtype:
+def _floating_like(model: nn.Module) -> torch.Tensor:
+    """An empty tensor with the model's floating dtype and device."""
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
+            return t.new_empty(0)
+    return torch.empty(0)
 
 
 def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactReport]:
@@ -233,7 +237,7 @@ def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactRe
         return work, report
     with torch.no_grad():
         ShapeProp(gm).propagate(*values)
-    result = analyse(gm, opaque, _floating_dtype(work))
+    result = analyse(gm, opaque, _floating_like(work))
     report.skipped = list(result.skipped)
     with torch.no_grad():
         report.layers = _rewrite(work, result)

@@ -146,7 +146,7 @@ def column_weights(module: nn.Module, rep: int) -> torch.Tensor:
     Returns a float64 ``[out, channels]`` matrix: multiplying it by a vector of
     constant channel values gives the contribution of those constants.
     """
-    w = module.weight.detach().double()
+    w = module.weight.detach().cpu().double()
     if isinstance(module, _LINEAR):
         return w.reshape(w.shape[0], -1, rep).sum(-1)
     return w.flatten(2).sum(-1)
@@ -154,7 +154,7 @@ def column_weights(module: nn.Module, rep: int) -> torch.Tensor:
 
 def column_nonzero(module: nn.Module, rep: int) -> torch.Tensor:
     """``[out, channels]`` bool: the weights from a channel to an output unit are not all zero."""
-    w = module.weight.detach()
+    w = module.weight.detach().cpu()
     if isinstance(module, _LINEAR):
         return (w.reshape(w.shape[0], -1, rep) != 0).any(-1)
     return (w.flatten(2) != 0).any(-1)
@@ -172,10 +172,10 @@ def _nodes_in(value: object) -> list[fx.Node]:
 
 
 class _Analyser:
-    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str], dtype: torch.dtype) -> None:
+    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str], like: torch.Tensor) -> None:
         self.gm = gm
         self.opaque = opaque
-        self.dtype = dtype
+        self.like = like  # dtype and device on which constants are pushed through layers
         self.result = Analysis()
         self.values: dict[fx.Node, Layout | None] = {}
         self.pins: list[int] = []
@@ -218,12 +218,12 @@ class _Analyser:
         fill = torch.where(layout.is_const, layout.const, 0.0).repeat_interleave(layout.rep)
         view = [1] * len(shape)
         view[layout.dim] = fill.numel()
-        x = fill.to(self.dtype).reshape(view).expand(shape).contiguous()
+        x = fill.to(self.like).reshape(view).expand(shape).contiguous()
         with torch.no_grad():
             y = fn(x)
         if not isinstance(y, torch.Tensor) or y.shape[layout.dim] != fill.numel():
             return None
-        rows = y.double().movedim(layout.dim, 0).reshape(layout.const.numel(), -1)
+        rows = y.detach().cpu().double().movedim(layout.dim, 0).reshape(layout.const.numel(), -1)
         mean = rows.mean(1)
         flat = (rows.amax(1) - rows.amin(1)) <= _CONST_TOL * (1 + mean.abs())
         is_const = layout.is_const & flat & mean.isfinite()
@@ -331,7 +331,7 @@ class _Analyser:
             self.pins.append(layout.space)
         weight = module.weight.detach()
         bias = (
-            module.bias.detach().double() if module.bias is not None
+            module.bias.detach().cpu().double() if module.bias is not None
             else torch.zeros(weight.shape[0], dtype=torch.float64)
         )
         nonzero = column_nonzero(module, layout.rep if followed else 1)
@@ -455,15 +455,18 @@ class _Analyser:
         self.result.keep = needed
 
 
-def analyse(gm: fx.GraphModule, opaque: dict[str, str], dtype: torch.dtype) -> Analysis:
+def analyse(gm: fx.GraphModule, opaque: dict[str, str], like: torch.Tensor) -> Analysis:
     """Runs the channel analysis on a traced, shape-propagated graph module.
+
+    All masks and constants of the result live on the CPU in float64.
 
     Args:
         gm: Graph module whose nodes carry ``tensor_meta`` (``ShapeProp``).
         opaque: Submodules kept as leaves because they could not be traced, with reasons.
-        dtype: Floating dtype of the model, used to evaluate constants.
+        like: A tensor with the model's floating dtype and device, on which
+            constants are pushed through its layers.
 
     Returns:
         The :class:`Analysis`.
     """
-    return _Analyser(gm, opaque, dtype).run()
+    return _Analyser(gm, opaque, like).run()

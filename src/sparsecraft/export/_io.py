@@ -40,7 +40,8 @@ _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dil
          "groups", "bias", "padding_mode")
 _NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
 _POOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
-_AVG = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_AVG1 = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_AVG = (*_AVG1, "divisor_override")
 # type name -> (class, constructor arguments read from attributes of the same name)
 LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
     "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
@@ -59,7 +60,7 @@ LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
     "Dropout": (nn.Dropout, ("p", "inplace")), "Dropout2d": (nn.Dropout2d, ("p", "inplace")),
     "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
     "MaxPool1d": (nn.MaxPool1d, _POOL), "MaxPool2d": (nn.MaxPool2d, _POOL),
-    "AvgPool1d": (nn.AvgPool1d, _AVG), "AvgPool2d": (nn.AvgPool2d, _AVG),
+    "AvgPool1d": (nn.AvgPool1d, _AVG1), "AvgPool2d": (nn.AvgPool2d, _AVG),
     "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
     "SparseLinear": (SparseLinear, ("in_features", "out_features", "bias", "kernel")),
