@@ -652,7 +652,7 @@ def test_save_load_round_trip_of_each_supported_layer(tmp_path, name):
     torch.manual_seed(14)
     make, shape = _LAYER_CASES[name]
     layer = make()
-    for buf_name, buf in layer.named_buffers():
+    for buf in layer.buffers():
         if buf.is_floating_point():  # non-trivial running statistics
             buf.copy_(torch.rand_like(buf) + 0.5)
     model = nn.Sequential(layer).eval()
