@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from .regularizer import Regularizer, Term
 
 __all__ = ["ProximalOptimizer", "AdaptiveStep", "register_step_rule", "threshold"]
@@ -225,8 +226,10 @@ class ProximalOptimizer(torch.optim.Optimizer):
         buf = self._workspaces.get(key)
         if buf is None or buf.numel() < p.numel():
             # One buffer per dtype/device, sized to the largest parameter, reused by all.
+            # Steps of 16-bit parameters are computed in float32: in float16 Adam's eps
+            # (1e-8) underflows, lr/sqrt(v) becomes lr/0 = inf and the prox writes NaN.
             buf = torch.empty(max(t.numel() for t in self._terms if (t.dtype, t.device) == key),
-                              dtype=p.dtype, device=p.device)
+                              dtype=_step_dtype(p.dtype), device=p.device)
             self._workspaces[key] = buf
         return buf[: p.numel()].view_as(p)
 
@@ -250,7 +253,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
                         self._latent[p].copy_(p)
                         term = self._terms[p]
                         self._gamma[p] += lr
-                        term.penalty.prox_(p, self._gamma[p] * term.scale * scale)
+                        _apply_prox(term.penalty, p, self._gamma[p] * term.scale * scale)
             return loss
         loss = self.inner.step(closure)
         for group in self.param_groups:
@@ -264,18 +267,24 @@ class ProximalOptimizer(torch.optim.Optimizer):
 
     def _prox(self, term: Term, p: Tensor, group: dict, scale: float) -> None:
         state = self.inner.state.get(p, {})
-        ws = self._workspace(p) if self._rule is not _sgd else None
-        step = self._rule(group, state, p, ws)
+        # A sharded (FSDP2 DTensor) parameter: step rules see local shards; the means
+        # below are taken over the whole parameter, as one process would.
+        sharded = _dist.is_sharded(p)
+        x = p.to_local() if sharded else p
+        if sharded:
+            state = _dist.local_state(state)
+        ws = self._workspace(x) if self._rule is not _sgd else None
+        step = self._rule(group, state, x, ws)
         if step is None:
             return
         if isinstance(step, float):
-            term.penalty.prox_(p, step * scale)
+            _apply_prox(term.penalty, p, step * scale)
             return
         if self.floor > 0:
             # The floor is anchored to the largest typical sqrt(v) seen so far:
             # when a whole layer's gradients fade, its thresholds cannot grow
             # without bound (the cascade behind the Adam-prox collapse).
-            typical = ws.mean()
+            typical = _dist.mean(ws, p) if sharded else ws.mean()
             ref = self._typical.get(p)
             ref = typical if ref is None else torch.maximum(ref, typical)
             self._typical[p] = ref
@@ -286,8 +295,12 @@ class ProximalOptimizer(torch.optim.Optimizer):
         pen = term.penalty
         if not pen.separable:
             # Group penalties need one step per group: the mean of the group's steps.
-            t = _group_mean(t, pen.layout(p))
-        pen.prox_(p, t)
+            lay = pen.layout(p)
+            if sharded:
+                t = _merge_groups(_dist.slice_means(t, p, lay.dim), lay)
+            else:
+                t = _group_mean(t, lay)
+        _apply_prox(pen, p, t)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -336,12 +349,28 @@ class ProximalOptimizer(torch.optim.Optimizer):
                 f"{len(self._terms)} prox terms)")
 
 
+def _step_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _apply_prox(pen: Any, p: Tensor, step: float | Tensor) -> None:
+    if _dist.is_sharded(p):
+        _dist.prox_(pen, p, step)
+    else:
+        pen.prox_(p, step)
+
+
 def _group_mean(step: Tensor, lay: Any) -> Tensor:
     other = [d for d in range(step.ndim) if d != lay.dim]
-    per_slice = step.mean(dim=other) if other else step
+    return _merge_groups(step.mean(dim=other) if other else step, lay)
+
+
+def _merge_groups(per_slice: Tensor, lay: Any) -> Tensor:
+    """Per-group mean of per-slice mean steps (slices of one tensor have one size)."""
     if lay.index is None:
         return per_slice
-    sums = torch.zeros(lay.n_groups, dtype=step.dtype, device=step.device).index_add_(0, lay.index, per_slice)
+    sums = torch.zeros(lay.n_groups, dtype=per_slice.dtype, device=per_slice.device)
+    sums.index_add_(0, lay.index, per_slice)
     counts = torch.bincount(lay.index, minlength=lay.n_groups).clamp_min(1)
     return sums / counts
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from . import penalties as _penalties
 from ._table import rich_table, text_table
 from .penalties import Penalty
@@ -78,7 +79,8 @@ class Term:
             for v in self.captured[1:]:
                 total = total + v
             return self.scale * total
-        return self.scale * self.penalty(self.target)
+        # A sharded (FSDP2) parameter is summed over shards or gathered: see distributed.py.
+        return self.scale * _dist.penalty_value(self.penalty, self.target)
 
     def _capture(self, out: Tensor) -> None:
         if not isinstance(out, Tensor) or not out.is_floating_point():
