@@ -19,9 +19,11 @@ from ._autoencoder import (
     train_autoencoder,
 )
 from ._compare import best_within, compare, pattern_f1, summarize
+from ._demo import DEMO_EPOCHS, demo_plan, reference_case
 from ._methods import (
     METHODS,
     cubic_sparsity,
+    pat_available,
     run_dense,
     run_gradual,
     run_l1_loss,
@@ -31,6 +33,7 @@ from ._methods import (
     run_prox,
     run_target,
 )
+from ._spec import MODELS, default_hidden, run_spec
 from ._train import (
     RunResult,
     build_model,
@@ -43,7 +46,9 @@ from ._train import (
 )
 
 __all__ = [
+    "DEMO_EPOCHS",
     "METHODS",
+    "MODELS",
     "Autoencoder",
     "AutoencoderResult",
     "RunResult",
@@ -53,8 +58,11 @@ __all__ = [
     "build_model",
     "compare",
     "cubic_sparsity",
+    "default_hidden",
+    "demo_plan",
     "evaluate",
     "make_optimizer",
+    "pat_available",
     "pattern_f1",
     "run_dense",
     "run_gradual",
@@ -63,7 +71,9 @@ __all__ = [
     "run_magnitude",
     "run_pat",
     "run_prox",
+    "run_spec",
     "run_target",
+    "reference_case",
     "steps_per_epoch",
     "summarize",
     "train",

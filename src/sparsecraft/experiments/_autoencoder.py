@@ -5,6 +5,9 @@ Three ways of making the hidden code ``f(x)`` sparse, all with one hidden layer
 
 * ``"l1"``: the Keras way, an L1 activity penalty on the code
   (:meth:`Regularizer.add_activity`, ``λ·Σ|f| / batch``);
+* ``"l1_unit"``: the same penalty with the decoder columns renormalised to
+  unit norm after every step (Bricken et al. 2023, "Towards Monosemanticity"):
+  without it the code can shrink while the decoder grows, dodging the penalty;
 * ``"l1_weighted"``: L1 on the code weighted by the decoder column norms,
   ``‖x − x̂‖² + λ Σᵢ fᵢ(x)·‖W_dec,i‖₂`` (Anthropic, "Circuits Updates", 2024),
   so the penalty cannot be dodged by shrinking codes and growing the decoder;
@@ -29,7 +32,7 @@ from ._train import Callback
 
 __all__ = ["Autoencoder", "AutoencoderResult", "TopK", "autoencoder_metrics", "train_autoencoder"]
 
-KINDS = ("l1", "l1_weighted", "topk")
+KINDS = ("l1", "l1_unit", "l1_weighted", "topk")
 
 
 class TopK(nn.Module):
@@ -122,7 +125,7 @@ def train_autoencoder(data: Split, kind: str = "l1", *, latents: int = 128, lam:
     Args:
         data: A superposition split (any regression split trains; only
             superposition splits can be scored).
-        kind: ``"l1"``, ``"l1_weighted"`` or ``"topk"`` (see the module docstring).
+        kind: ``"l1"``, ``"l1_unit"``, ``"l1_weighted"`` or ``"topk"`` (see the module docstring).
         latents: Hidden units.
         lam: Strength of the activity penalty (L1 kinds).
         k: Active latents per sample (``"topk"``).
@@ -138,7 +141,7 @@ def train_autoencoder(data: Split, kind: str = "l1", *, latents: int = 128, lam:
     torch.manual_seed(seed)
     model = Autoencoder(data.n_features, latents, TopK(k) if kind == "topk" else nn.ReLU())
     reg = None
-    if kind == "l1":
+    if kind in ("l1", "l1_unit"):
         reg = Regularizer(model)
         reg.add_activity(model.act, L1(lam))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -151,15 +154,22 @@ def train_autoencoder(data: Split, kind: str = "l1", *, latents: int = 128, lam:
         for i in range(0, n, batch_size):
             x = data.X_train[perm[i:i + batch_size]]
             opt.zero_grad()
-            code = model.encode(x)
             # Squared error summed over features, averaged over the batch: ‖x − x̂‖² per sample.
-            loss = ((model.decoder(code) - x) ** 2).sum(1).mean()
-            if reg is not None:
-                loss = loss + reg.loss()
-            elif kind == "l1_weighted":
+            if kind == "l1_weighted":
+                code = model.encode(x)
+                loss = ((model.decoder(code) - x) ** 2).sum(1).mean()
                 loss = loss + lam * (code * model.decoder.weight.norm(dim=0)).sum(1).mean()
+            else:
+                # A call of the whole model: the regularizer clears its captured activity there.
+                loss = ((model(x) - x) ** 2).sum(1).mean()
+                if reg is not None:
+                    loss = loss + reg.loss()
             loss.backward()
             opt.step()
+            if kind == "l1_unit":
+                with torch.no_grad():
+                    w = model.decoder.weight
+                    w.div_(w.norm(dim=0, keepdim=True).clamp_min(1e-12))
             total += float(loss.detach()) * len(x)
         record = {"epoch": epoch + 1, "loss": total / n}
         history.append(record)

@@ -49,6 +49,7 @@ __all__ = [
     "run_l1_loss_thresholds",
     "run_magnitude",
     "run_pat",
+    "pat_available",
     "run_prox",
     "run_target",
     "cubic_sparsity",
@@ -281,6 +282,15 @@ def _import_pat() -> Any:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
     return PruneOptimizer
+
+
+def pat_available() -> bool:
+    """Whether torchao's prototype PAT can be imported (the optional ``bench`` extra)."""
+    try:
+        _import_pat()
+    except ImportError:
+        return False
+    return True
 
 
 def run_pat(data: Split, lam: float, *, hidden: Hidden = (256, 256), epochs: int = 60, optimizer: str = "sgd",

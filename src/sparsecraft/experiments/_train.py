@@ -40,6 +40,8 @@ class RunResult:
         history: One record per epoch (loss, metric, sparsity, ...).
         config: The knobs the method ran with (λ, target, optimizer, seed, ...).
         details: Other measurements of the method (e.g. sparsity before thresholding).
+        explanation: The regularizer's :class:`~sparsecraft.Explanation` at the end, where
+            the run had one worth showing (:func:`run_spec`).
     """
 
     method: str
@@ -51,6 +53,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    explanation: Any = field(default=None, repr=False)
 
     def row(self) -> dict[str, Any]:
         """A flat JSON-ready dict: the numbers, the knobs and the details."""
