@@ -289,6 +289,28 @@ class Regularizer:
                 seen.setdefault(id(t.target), t.target)
         return list(seen.values())
 
+    def state_dict(self) -> dict[str, Any]:
+        """What training changes in a regularizer, for checkpoints: each term's ``scale``.
+
+        Penalties, selectors and hooks are built by your script; only the scales
+        (adjusted by :class:`~sparsecraft.TargetSparsity` or by hand) change.
+        """
+        return {"terms": [t.name for t in self._terms], "scales": [float(t.scale) for t in self._terms]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the term scales saved by :meth:`state_dict` (same terms, same order)."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"terms", "scales"}:
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"Expected a Regularizer state_dict with keys ['scales', 'terms']. Received: {got}")
+        names = [t.name for t in self._terms]
+        if list(state_dict["terms"]) != names or len(state_dict["scales"]) != len(names):
+            raise ValueError(
+                f"Expected a state_dict of the terms {names}. Received: one of {list(state_dict['terms'])}"
+            )
+        scales = [_penalties.check_strength("scale", s) for s in state_dict["scales"]]
+        for t, s in zip(self._terms, scales, strict=True):
+            t.scale = s
+
     def remove(self) -> None:
         """Detach every hook and forget every term; the model is left as it was."""
         for h in self._handles:
