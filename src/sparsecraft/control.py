@@ -64,12 +64,13 @@ def _probe_makes_zeros(term: Term) -> bool:
     """Whether the term's prox zeros an all-ones tensor of its shape at a huge step.
 
     ``makes_zeros`` is a class property; a strength of 0 (``L1(0)``,
-    ``L1L2(l1=0, l2=…)``) makes none, whatever the multiplier.
+    ``L1L2(l1=0, l2=…)``) makes none, whatever the multiplier. float64, so
+    that an L2 shrink by 1/(1 + 2·t·l2) cannot underflow to a false zero.
     """
     if not (term.penalty.proximable and term.penalty.makes_zeros):
         return False
-    ones = torch.ones(term.target.shape, dtype=torch.float32)
-    return bool((term.penalty.prox(ones, 1e6) == 0).any())
+    ones = torch.ones(term.target.shape, dtype=torch.float64)
+    return bool((term.penalty.prox(ones, 1e30) == 0).any())
 
 
 class TargetSparsity:
@@ -234,7 +235,8 @@ class TargetSparsity:
                     )
                 no_zero = [f"{t.name} ({t.penalty.formula()})" for t in candidates]
                 if no_zero:
-                    why.append(f"the prox of {no_zero} makes no zeros (L2 only shrinks)")
+                    why.append(f"the prox of {no_zero} makes no zeros (L2 only shrinks; a strength of 0 "
+                               f"does nothing)")
                 raise ValueError(
                     "Expected prox terms whose penalty makes exact zeros (L1, L1L2 with l1 > 0, L0, MCP, "
                     f"GroupLasso, SparseGroupLasso). Received: {'; '.join(why) or 'no terms'}; "

@@ -91,6 +91,10 @@ def plot_training(history: Sequence[Mapping[str, float]], path: str | os.PathLik
     Returns:
         The path written.
     """
+    return _save(_training_figure(history, title), path)
+
+
+def _training_figure(history: Sequence[Mapping[str, float]], title: str | None) -> Any:
     if not history:
         raise ValueError("Expected a non-empty history. Received: history=[]")
     xkey = "step" if "step" in history[0] else "epoch" if "epoch" in history[0] else None
@@ -135,7 +139,7 @@ def plot_training(history: Sequence[Mapping[str, float]], path: str | os.PathLik
         ax2.set_ylabel("strength multiplier\n(× initial λ, log)")
         ax2.grid(alpha=0.3, which="both")
     axes[-1][0].set_xlabel("optimizer step" if xkey == "step" else "epoch")
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- layers
@@ -157,7 +161,10 @@ def plot_layer_density(model_or_report: nn.Module | SparsityReport, path: str | 
         path: the PNG to write.
         title: the figure title (default: the overall density).
     """
-    report = _report_of(model_or_report)
+    return _save(_density_figure(_report_of(model_or_report), title), path)
+
+
+def _density_figure(report: SparsityReport, title: str | None) -> Any:
     rows = list(report.rows)
     if not rows:
         raise ValueError("Expected at least one parameter to plot. Received: an empty report")
@@ -179,7 +186,7 @@ def plot_layer_density(model_or_report: nn.Module | SparsityReport, path: str | 
     ax.grid(axis="y", alpha=0.3, which="both")
     total = 1.0 - report.sparsity
     ax.set_title(title or f"density per parameter (all: {100 * total:.2f} % non-zero; grey: vectors)")
-    return _save(fig, path)
+    return fig
 
 
 def plot_magnitudes(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike, *,
@@ -194,6 +201,10 @@ def plot_magnitudes(model: nn.Module | Mapping[str, torch.Tensor], path: str | o
         bins: number of log-spaced bins for the non-zeros.
         title: the figure title.
     """
+    return _save(_magnitude_figure(model, params, bins, title), path)
+
+
+def _magnitude_figure(model: Any, params: Sequence[str] | None, bins: int, title: str | None) -> Any:
     named = dict(model.named_parameters()) if isinstance(model, nn.Module) else dict(model)
     if params is None:
         chosen = [t for t in named.values() if t.ndim >= 2]
@@ -221,14 +232,16 @@ def plot_magnitudes(model: nn.Module | Mapping[str, torch.Tensor], path: str | o
         lo, hi = float(nonzero.min()), float(nonzero.max())
         if lo == hi:
             lo, hi = lo / 2, hi * 2
-        edges = torch.logspace(math.log10(lo), math.log10(hi), bins + 1).tolist()
+        edges = torch.logspace(math.log10(lo), math.log10(hi), bins + 1, dtype=torch.float64).tolist()
+        # The rounded end points could leave the smallest or largest weight outside every bin.
+        edges[0], edges[-1] = lo, hi
         ax.hist(nonzero.numpy(), bins=edges, color="C0")
         ax.set_xscale("log")
     ax.set_xlabel("|w| (non-zero weights, log scale)")
     ax.set_ylabel("non-zero weights per bin")
     ax.grid(alpha=0.3)
     ax.set_title(title or f"weight magnitudes: {zeros:,} exact zeros, {nonzero.numel():,} non-zeros")
-    return _save(fig, path)
+    return fig
 
 
 def plot_mask(weight: torch.Tensor, path: str | os.PathLike, name: str = "weight", *,
@@ -245,8 +258,14 @@ def plot_mask(weight: torch.Tensor, path: str | os.PathLike, name: str = "weight
         name: its name, for the title.
         max_pixels: the largest side drawn element by element.
     """
+    return _save(_mask_figure(weight, name, max_pixels), path)
+
+
+def _mask_figure(weight: torch.Tensor, name: str, max_pixels: int) -> Any:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"Expected a torch.Tensor. Received: weight={type(weight).__name__}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"Expected an int max_pixels >= 1. Received: max_pixels={max_pixels!r}")
     w = weight.detach().cpu()
     mat = w.reshape(1, -1) if w.ndim <= 1 else w.reshape(w.shape[0], -1)
     nz = (mat != 0).float()
@@ -269,7 +288,7 @@ def plot_mask(weight: torch.Tensor, path: str | os.PathLike, name: str = "weight
     ax.set_ylabel("output (dim 0)")
     if fr > 1 or fc > 1:
         fig.colorbar(im, ax=ax, label="non-zero fraction in block", fraction=0.04)
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- trade-off
@@ -296,6 +315,11 @@ def plot_pareto(curves: Mapping[str, Sequence[tuple[float, float]]], path: str |
         dense_accuracy: drawn as a horizontal dashed line when given.
         title: the figure title.
     """
+    return _save(_pareto_figure(curves, dense_accuracy, title), path)
+
+
+def _pareto_figure(curves: Mapping[str, Sequence[tuple[float, float]]], dense_accuracy: float | None,
+                   title: str | None) -> Any:
     if not curves or not any(curves.values()):
         raise ValueError("Expected at least one curve with points. Received: no points")
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -325,7 +349,7 @@ def plot_pareto(curves: Mapping[str, Sequence[tuple[float, float]]], path: str |
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=9, loc="lower left")
     ax.set_title(title or "accuracy vs sparsity (lines: Pareto fronts)")
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- tables
