@@ -363,9 +363,8 @@ def prox_(penalty: Penalty, p: Tensor, step: float | Tensor) -> None:
         if isinstance(step, Tensor) and step.numel() > 1:
             s = (step[lay.index] if lay.index is not None else step)[lo:hi].reshape(view)
         F.soft_threshold(local, s * penalty.l1, out=local)
-    other = [k for k in range(local.ndim) if k != lay.dim]
-    sq = local.square()
-    sums = _reduce_shards(_place(sq.sum(dim=other) if other else sq, p, lay.dim, offset), p)
+    # Squared sums per slice of the local shard (float32 for 16-bit), summed over shards.
+    sums = _reduce_shards(_place(F._slice_sq_sums(local, lay.dim), p, lay.dim, offset), p)
     if lay.index is not None:
         sums = sums.new_zeros(lay.n_groups).index_add_(0, lay.index, sums)
     norms = sums.sqrt()

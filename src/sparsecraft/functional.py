@@ -157,7 +157,9 @@ def _group_layout(shape: Sequence[int], dim: int, index: Tensor | None) -> tuple
 
 def _slice_sq_sums(v: Tensor, dim: int) -> Tensor:
     other = [d for d in range(v.ndim) if d != dim]
-    sq = v.square()
+    # 16-bit squares overflow (float16: |x| > 256 gives inf, and the prox stops
+    # shrinking) and keep 8 bits (bfloat16): square and sum them in float32.
+    sq = (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v).square()
     return sq.sum(dim=other) if other else sq
 
 
@@ -168,7 +170,9 @@ def group_norms(v: Tensor, dim: int, index: Tensor | None = None, n_groups: int 
     output channels of a conv; ``dim=1``: columns or input channels), or, with
     ``index``, the union of the slices along ``dim`` that share an index value.
 
-    Returns a 1-D tensor of length ``v.shape[dim]`` (slices) or ``n_groups``.
+    Returns a 1-D tensor of length ``v.shape[dim]`` (slices) or ``n_groups``,
+    in ``v``'s dtype, or in float32 for float16/bfloat16 ``v`` (where norms
+    overflow or lose digits).
     """
     dim, index = _group_layout(v.shape, dim, index)
     sums = _slice_sq_sums(v, dim)

@@ -189,6 +189,7 @@ class Regularizer:
         self._handles: list[Any] = []
         self._root_hooked: set[int] = set()
         self._depth = 0
+        self._forwards = 0  # outermost forwards seen by the hooks
 
     # -- adding terms ----------------------------------------------------------------
     @property
@@ -253,6 +254,16 @@ class Regularizer:
         for t in self._terms:
             if t.prox:
                 continue
+            if t.kind == "activity" and self._forwards == 0:
+                # A model compiled (torch.compile) before the terms were added runs its
+                # compiled code without their hooks: dynamo does not guard on hooks
+                # (torch._dynamo.config.skip_nnmodule_hook_guards), so nothing is captured.
+                raise ValueError(
+                    f"Expected a forward of the model before loss() (activity terms are "
+                    f"computed from its outputs). Received: no forward seen by the hooks of "
+                    f"{t.name}. If the model was compiled before the terms were added, add them "
+                    f"before torch.compile or call torch._dynamo.reset()"
+                )
             v = t.current()
             total = v if total is None else total + v
         if total is None:
@@ -341,6 +352,7 @@ class Regularizer:
 
         def pre(_m: nn.Module, _args: Any) -> None:
             if self._depth == 0:
+                self._forwards += 1
                 for t in self._terms:
                     if t.kind == "activity":
                         t.captured.clear()
