@@ -127,6 +127,7 @@ def run_l1_loss_thresholds(data: Split, lam: float, tols: Sequence[float], *, hi
                     "accuracy_before_threshold": before_accuracy,
                     "max_removed": max(v["max_removed"] for v in report.values())})
         r.seconds += trained
+        r.artifacts["model_before_threshold"] = model
         out.append(r)
     return out
 
@@ -261,8 +262,10 @@ def run_target(data: Split, target: float, *, hidden: Hidden = (256, 256), epoch
         fin = ctrl.finalize()
         details["finalize_zeroed"] = fin.get("zeroed", 0.0)
     reg.remove()
-    return result("target", model, data, t0, h,
-                  {"optimizer": optimizer, "target": target, "mode": mode, "lam": lam, "seed": seed}, details)
+    r = result("target", model, data, t0, h,
+               {"optimizer": optimizer, "target": target, "mode": mode, "lam": lam, "seed": seed}, details)
+    r.artifacts["controller_history"] = list(ctrl.history)
+    return r
 
 
 def _import_pat() -> Any:

@@ -153,4 +153,6 @@ def run_spec(
               "epochs": epochs, "seed": seed}
     r = result("train", net, data, t0, h, config, details)
     r.explanation = explanation
+    if ctrl is not None:
+        r.artifacts["controller_history"] = list(ctrl.history)
     return r

@@ -42,6 +42,8 @@ class RunResult:
         details: Other measurements of the method (e.g. sparsity before thresholding).
         explanation: The regularizer's :class:`~sparsecraft.Explanation` at the end, where
             the run had one worth showing (:func:`run_spec`).
+        artifacts: Objects for figures, left out of :meth:`row` (e.g. the model
+            before thresholding, a controller's per-step history).
     """
 
     method: str
@@ -54,6 +56,7 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     explanation: Any = field(default=None, repr=False)
+    artifacts: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def row(self) -> dict[str, Any]:
         """A flat JSON-ready dict: the numbers, the knobs and the details."""
