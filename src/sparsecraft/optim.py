@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from .penalties import L1, L1L2, L2
 from .regularizer import Regularizer, Term
 
 __all__ = ["ProximalOptimizer", "AdaptiveStep", "register_step_rule", "threshold"]
@@ -29,11 +30,15 @@ _MODES = ("forward_backward", "latent")
 # (the same for every coordinate); an AdaptiveStep after writing the square root
 # of the optimizer's second-moment estimate into ``ws`` (the step is then
 # ``lr / (scale·ws + eps)`` per coordinate); or None before the optimizer has
-# state for ``p``.
+# state for ``p``. The built-in rules also name the state tensors they read
+# (``moment``, ``centered``) and skip the write when ``ws`` is None: the fused
+# kernel reads the optimizer state directly.
 class AdaptiveStep(NamedTuple):
     lr: float
     scale: float
     eps: float
+    moment: Tensor | None = None  # ws = sqrt(moment − centered²)
+    centered: Tensor | None = None
 
 
 StepRule = Callable[[dict, dict, Tensor, Tensor], "float | AdaptiveStep | None"]
@@ -54,10 +59,19 @@ def register_step_rule(optimizer_type: type, rule: StepRule) -> None:
 
 
 def _lr(group: dict) -> float:
+    if "lr" not in group:
+        raise ValueError(f"Expected a param group with an 'lr' (the prox step). Received keys: {sorted(group)}")
     lr = float(group["lr"])
     if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Expected a finite learning rate >= 0 for the prox step. Received: lr={lr}")
     return lr
+
+
+def _penalty_scale(group: dict) -> float:
+    scale = group.get("penalty_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
+        raise ValueError(f"Expected a finite penalty_scale >= 0 in the param group. Received: penalty_scale={scale!r}")
+    return float(scale)
 
 
 def _sgd(group, state, p, ws):
@@ -69,27 +83,30 @@ def _adam(group, state, p, ws):
     if v is None or "step" not in state:
         return None
     bc2 = 1.0 - group["betas"][1] ** float(state["step"])
-    torch.sqrt(v, out=ws)
-    return AdaptiveStep(_lr(group), 1.0 / math.sqrt(bc2), group["eps"])
+    if ws is not None:
+        torch.sqrt(v, out=ws)
+    return AdaptiveStep(_lr(group), 1.0 / math.sqrt(bc2), group["eps"], v)
 
 
 def _adagrad(group, state, p, ws):
     if "sum" not in state:
         return None
     clr = _lr(group) / (1.0 + (float(state["step"]) - 1.0) * group["lr_decay"])
-    torch.sqrt(state["sum"], out=ws)
-    return AdaptiveStep(clr, 1.0, group["eps"])
+    if ws is not None:
+        torch.sqrt(state["sum"], out=ws)
+    return AdaptiveStep(clr, 1.0, group["eps"], state["sum"])
 
 
 def _rmsprop(group, state, p, ws):
     if "square_avg" not in state:
         return None
-    if group.get("centered"):
-        torch.addcmul(state["square_avg"], state["grad_avg"], state["grad_avg"], value=-1, out=ws)
+    centered = state["grad_avg"] if group.get("centered") else None
+    if ws is not None and centered is not None:
+        torch.addcmul(state["square_avg"], centered, centered, value=-1, out=ws)
         ws.sqrt_()
-    else:
+    elif ws is not None:
         torch.sqrt(state["square_avg"], out=ws)
-    return AdaptiveStep(_lr(group), 1.0, group["eps"])
+    return AdaptiveStep(_lr(group), 1.0, group["eps"], state["square_avg"], centered)
 
 
 register_step_rule(torch.optim.SGD, _sgd)
@@ -97,6 +114,7 @@ for _t in (torch.optim.Adam, torch.optim.AdamW):
     register_step_rule(_t, _adam)
 register_step_rule(torch.optim.Adagrad, _adagrad)
 register_step_rule(torch.optim.RMSprop, _rmsprop)
+_BUILTIN_RULES = (_adam, _adagrad, _rmsprop)
 
 
 def _rule_for(optimizer: torch.optim.Optimizer) -> tuple[StepRule, bool]:
@@ -125,10 +143,22 @@ class ProximalOptimizer(torch.optim.Optimizer):
         floor: guard for adaptive optimizers. Where a gradient dies, ``v̂`` decays
             to 0 and the threshold ``lr·λ/(sqrt(v̂)+eps)`` explodes, zeroing the
             weight, then its neighbours (REFERENCES.md; ProxGen, Yun et al.
-            2021). Each coordinate's ``sqrt(v̂)`` is raised to at least
-            ``floor`` times the largest mean ``sqrt(v̂)`` the tensor has had, so
-            its prox step is at most ``1/floor`` times a typical one. 0
-            disables the guard.
+            2021). Each coordinate's ``sqrt(v)`` (the optimizer's raw second
+            moment, before bias correction) is raised to at least ``floor``
+            times the largest mean ``sqrt(v)`` the tensor has had, so its prox
+            step is at most about ``1/floor`` times a typical one. 0 disables
+            the guard. It does not prevent the collapse of Adam's
+            forward–backward prox at a large ``λ`` (docs/optim.md).
+        fused: opt in to one compiled kernel (``torch.compile``) for the prox
+            of L1, L2 and L1L2 terms under Adam/AdamW, Adagrad and RMSprop: it
+            reads the optimizer state and the weights once and writes the
+            weights once, instead of about eight memory passes. The first step
+            compiles (tens of seconds on CPU; it needs a C++ compiler); if
+            compiling fails, it warns once and runs the unfused path.
+
+    Memory: forward–backward holds two step buffers the size of the largest
+    penalised parameter (adaptive optimizers only); latent mode holds a copy of
+    every penalised parameter.
     """
 
     def __init__(
@@ -138,6 +168,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
         *,
         mode: str = "forward_backward",
         floor: float = 0.1,
+        fused: bool = False,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Expected a torch.optim.Optimizer. Received: {type(optimizer).__name__}")
@@ -149,10 +180,13 @@ class ProximalOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Expected mode in {_MODES}. Received: mode={mode!r}")
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"Expected floor in [0, 1]. Received: floor={floor!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"Expected fused to be a bool. Received: fused={fused!r}")
         self.inner = optimizer
         self.regularizer = regularizer
         self.mode = mode
         self.floor = float(floor)
+        self.fused = fused
         self._rule, known = _rule_for(optimizer)
         if not known:
             warnings.warn(
@@ -221,14 +255,14 @@ class ProximalOptimizer(torch.optim.Optimizer):
             t.prox = False
 
     # -- stepping ----------------------------------------------------------------------
-    def _workspace(self, p: Tensor) -> Tensor:
-        key = (p.dtype, p.device)
+    def _workspace(self, p: Tensor, which: int = 0) -> Tensor:
+        key = (p.dtype, p.device, which)
         buf = self._workspaces.get(key)
         if buf is None or buf.numel() < p.numel():
             # One buffer per dtype/device, sized to the largest parameter, reused by all.
             # Steps of 16-bit parameters are computed in float32: in float16 Adam's eps
             # (1e-8) underflows, lr/sqrt(v) becomes lr/0 = inf and the prox writes NaN.
-            buf = torch.empty(max(t.numel() for t in self._terms if (t.dtype, t.device) == key),
+            buf = torch.empty(max(t.numel() for t in self._terms if (t.dtype, t.device) == key[:2]),
                               dtype=_step_dtype(p.dtype), device=p.device)
             self._workspaces[key] = buf
         return buf[: p.numel()].view_as(p)
@@ -236,6 +270,11 @@ class ProximalOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Inner step, then prox (forward–backward), or latent update then prox (latent)."""
+        # Validated before anything changes: a NaN lr must not reach the weights.
+        scales = [_penalty_scale(g) if any(p in self._terms for p in g["params"]) else 0.0
+                  for g in self.param_groups]
+        lrs = [_lr(g) if sc > 0 or self.mode == "latent" else 0.0
+               for g, sc in zip(self.param_groups, scales, strict=True)]
         if self.mode == "latent":
             loss = None
             if closure is not None:
@@ -245,9 +284,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
             for p in active:
                 p.copy_(self._latent[p])
             self.inner.step()
-            for group in self.param_groups:
-                scale = float(group.get("penalty_scale", 1.0))
-                lr = _lr(group)
+            for group, scale, lr in zip(self.param_groups, scales, lrs, strict=True):
                 for p in group["params"]:
                     if p in self._terms and p.grad is not None:
                         self._latent[p].copy_(p)
@@ -256,12 +293,11 @@ class ProximalOptimizer(torch.optim.Optimizer):
                         _apply_prox(term.penalty, p, self._gamma[p] * term.scale * scale)
             return loss
         loss = self.inner.step(closure)
-        for group in self.param_groups:
-            scale = float(group.get("penalty_scale", 1.0))
+        for group, scale in zip(self.param_groups, scales, strict=True):
             for p in group["params"]:
                 term = self._terms.get(p)
-                if term is None or p.grad is None:
-                    continue
+                if term is None or p.grad is None or scale * term.scale == 0:
+                    continue  # a zero strength: the prox is the identity
                 self._prox(term, p, group, scale * term.scale)
         return loss
 
@@ -273,12 +309,17 @@ class ProximalOptimizer(torch.optim.Optimizer):
         x = p.to_local() if sharded else p
         if sharded:
             state = _dist.local_state(state)
+        pen = term.penalty
+        if self.fused and not sharded and self._rule in _BUILTIN_RULES and type(pen) in _FUSABLE:
+            step = self._rule(group, state, x, None)
+            if step is None or self._fused_prox(pen, p, step, scale):
+                return
         ws = self._workspace(x) if self._rule is not _sgd else None
         step = self._rule(group, state, x, ws)
         if step is None:
             return
         if isinstance(step, float):
-            _apply_prox(term.penalty, p, step * scale)
+            _apply_prox(pen, p, step * scale)
             return
         if self.floor > 0:
             # The floor is anchored to the largest typical sqrt(v) seen so far:
@@ -290,9 +331,16 @@ class ProximalOptimizer(torch.optim.Optimizer):
             self._typical[p] = ref
             ws.clamp_(min=ref * self.floor)
         ws.add_(step.eps / step.scale)
-        lr = torch.tensor(step.lr * scale / step.scale, dtype=ws.dtype, device=ws.device)
+        coef = step.lr * scale / step.scale
+        if type(pen) is L1:
+            # τ = coef·l1/ws, then x − clamp(x, −τ, τ): four passes over two buffers
+            # (Penalty.prox_ on one buffer needs six); the hot path of Adam + L1.
+            tau = torch.div(torch.tensor(coef * pen.l1, dtype=ws.dtype, device=ws.device), ws, out=ws)
+            neg = torch.neg(tau, out=self._workspace(x, 1))
+            x.sub_(torch.clamp(x, min=neg, max=tau, out=neg))
+            return
+        lr = torch.tensor(coef, dtype=ws.dtype, device=ws.device)
         t = torch.div(lr, ws, out=ws)
-        pen = term.penalty
         if not pen.separable:
             # Group penalties need one step per group: the mean of the group's steps.
             lay = pen.layout(p)
@@ -301,6 +349,33 @@ class ProximalOptimizer(torch.optim.Optimizer):
             else:
                 t = _group_mean(t, lay)
         _apply_prox(pen, p, t)
+
+    def _fused_prox(self, pen: Any, p: Tensor, step: AdaptiveStep, scale: float) -> bool:
+        """The adaptive prox in one compiled kernel; False when it cannot run (then unfused)."""
+        tensors = [p, step.moment] + ([step.centered] if step.centered is not None else [])
+        if not all(t.is_contiguous() for t in tensors):
+            return False
+        l1 = pen.l1 if isinstance(pen, (L1, L1L2)) else 0.0
+        l2 = pen.l2 if isinstance(pen, (L2, L1L2)) else 0.0
+        dtype = _step_dtype(p.dtype)
+        scalars = torch.tensor([step.lr * scale / step.scale, step.eps / step.scale, self.floor, l1, l2],
+                               dtype=dtype, device=p.device)
+        ref = self._typical.get(p)
+        if ref is None:
+            ref = torch.zeros((), dtype=dtype, device=p.device)  # mean sqrt(v) >= 0: max(0, mean) = mean
+        try:
+            new_ref = _compiled_kernel()(
+                p.view(-1), step.moment.view(-1),
+                None if step.centered is None else step.centered.view(-1), ref, scalars, self.floor > 0)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: warn once, run unfused
+            self.fused = False
+            warnings.warn(f"ProximalOptimizer(fused=True) could not compile its kernel ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); using the unfused prox.",
+                          stacklevel=3)
+            return False
+        if self.floor > 0:
+            self._typical[p] = new_ref
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -347,6 +422,40 @@ class ProximalOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "
                 f"{len(self._terms)} prox terms)")
+
+
+_FUSABLE = (L1, L2, L1L2)
+_KERNEL: Callable[..., Tensor] | None = None
+
+
+def _adaptive_prox_kernel(x: Tensor, moment: Tensor, centered: Tensor | None, ref: Tensor,
+                          scalars: Tensor, use_floor: bool) -> Tensor:
+    """``x ← soft_threshold(x, l1·t) / (1 + 2·l2·t)``, ``t = coef / (max(sqrt(v), floor·ref) + eps)``.
+
+    The same arithmetic as the unfused path (``ProximalOptimizer._prox``), written
+    for ``torch.compile`` to fuse into one reduction (the floor's mean) and one
+    elementwise pass. Scalars travel as a tensor so that a changing ``lr`` or
+    bias correction does not recompile. Returns the floor's new reference.
+    """
+    coef, eps, floor, l1, l2 = scalars.unbind()
+    v = moment if centered is None else torch.addcmul(moment, centered, centered, value=-1)
+    root = torch.sqrt(v.to(scalars.dtype))
+    if use_floor:
+        ref = torch.maximum(ref, root.mean())
+        root = torch.maximum(root, ref * floor)
+    t = coef / (root + eps)
+    tau = t * l1
+    xs = x.to(scalars.dtype)
+    x.copy_((xs - torch.clamp(xs, -tau, tau)) / (1 + 2 * l2 * t))
+    return ref
+
+
+def _compiled_kernel() -> Callable[..., Tensor]:
+    global _KERNEL
+    if _KERNEL is None:
+        # dynamic: one compiled kernel for every parameter size (the inputs are flat).
+        _KERNEL = torch.compile(_adaptive_prox_kernel, dynamic=True, fullgraph=True)
+    return _KERNEL
 
 
 def _step_dtype(dtype: torch.dtype) -> torch.dtype:
