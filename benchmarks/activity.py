@@ -1,4 +1,4 @@
-"""Activity sparsity: sparse autoencoders on the superposition task, scored against the true features.
+"""Activity sparsity: sparse autoencoders on the superposition task, scored on the true features.
 
 A one-hidden-layer autoencoder (32 → 128 → 32, ReLU) is trained with Adam on
 ``datasets.superposition()`` (64 features, each active with probability
@@ -41,15 +41,23 @@ FULL = {
     "seeds": (0, 1, 2),
     "epochs": 20,
     "latents": 128,
-    "grid": {"l1": {"lam": (0.1, 0.3, 1.0)}, "l1_unit": {"lam": (0.1, 0.3, 1.0)},
-             "l1_weighted": {"lam": (0.1, 0.2, 0.3)}, "topk": {"k": (3, 4, 6)}},
+    "grid": {
+        "l1": {"lam": (0.1, 0.3, 1.0)},
+        "l1_unit": {"lam": (0.1, 0.3, 1.0)},
+        "l1_weighted": {"lam": (0.1, 0.2, 0.3)},
+        "topk": {"k": (3, 4, 6)},
+    },
 }
 QUICK = {
     "seeds": (0,),
     "epochs": 2,
     "latents": 32,
-    "grid": {"l1": {"lam": (0.3,)}, "l1_unit": {"lam": (0.3,)}, "l1_weighted": {"lam": (0.2,)},
-             "topk": {"k": (4,)}},
+    "grid": {
+        "l1": {"lam": (0.3,)},
+        "l1_unit": {"lam": (0.3,)},
+        "l1_weighted": {"lam": (0.2,)},
+        "topk": {"k": (4,)},
+    },
 }
 METRICS = ("recovered", "mean_cosine", "l0", "fvu", "dead")
 
@@ -69,12 +77,19 @@ def run(quick: bool = False) -> dict:
     runs = []
     with _progress() as progress:
         for kind, grid in cfg["grid"].items():
-            (knob, values), = grid.items()
+            ((knob, values),) = grid.items()
             for value in values:
                 for seed in cfg["seeds"]:
                     progress.start(f"{kind} {knob}={value:g}", seed, cfg["epochs"])
-                    r = experiments.train_autoencoder(data, kind, latents=cfg["latents"], epochs=cfg["epochs"],
-                                                      seed=seed, on_epoch=progress.epoch, **{knob: value})
+                    r = experiments.train_autoencoder(
+                        data,
+                        kind,
+                        latents=cfg["latents"],
+                        epochs=cfg["epochs"],
+                        seed=seed,
+                        on_epoch=progress.epoch,
+                        **{knob: value},
+                    )
                     runs.append(r.row())
     settings: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
@@ -93,16 +108,34 @@ def run(quick: bool = False) -> dict:
         b = best.get(row["kind"])
         if b is None or (row["recovered"], -row["fvu"]) > (b["recovered"], -b["fvu"]):
             best[row["kind"]] = row
-    summary = [{"kind": k, "setting": f"λ={b['lam']:g}" if "lam" in b else f"k={b['k']}",
-                "recovered_%": 100 * b["recovered"], "worst_seed_%": 100 * b["recovered_min"],
-                "mean_L0": b["l0"], "FVU": b["fvu"], "dead": b["dead"]} for k, b in best.items()]
+    summary = [
+        {
+            "kind": k,
+            "setting": f"λ={b['lam']:g}" if "lam" in b else f"k={b['k']}",
+            "recovered_%": 100 * b["recovered"],
+            "worst_seed_%": 100 * b["recovered_min"],
+            "mean_L0": b["l0"],
+            "FVU": b["fvu"],
+            "dead": b["dead"],
+        }
+        for k, b in best.items()
+    ]
     out = {
         "suite": "activity",
         "quick": quick,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
-        "data": {"n_features": data.meta["n_latent"], "d": data.n_features, "p": data.meta["p"],
-                 "n_train": data.n_train, "n_test": data.n_test},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "data": {
+            "n_features": data.meta["n_latent"],
+            "d": data.n_features,
+            "p": data.meta["p"],
+            "n_train": data.n_train,
+            "n_test": data.n_test,
+        },
         "settings": cfg,
         "expected_l0": data.meta["n_latent"] * data.meta["p"],
         "summary": summary,

@@ -1,4 +1,6 @@
-"""Run benchmark suites without the installed command: ``python benchmarks/run.py [--suite NAME] [--quick]``.
+"""Run benchmark suites without the installed command: ``python benchmarks/run.py [--quick]``.
+
+``--suite NAME`` picks one suite (default: all).
 
 The same as ``sparsecraft bench``: each suite is ``benchmarks/<name>.py`` with
 ``run(quick: bool = False) -> dict``, writing ``benchmarks/results/<name>.json``;

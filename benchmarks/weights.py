@@ -47,8 +47,13 @@ FULL = {
     "prox": (2e-2, 3e-2, 4e-2),
     "target": (0.99, 0.995, 0.997, 0.998),
     "pat": (2e-2, 3e-2, 4e-2),
-    "teacher": {"seeds": (0, 1, 2), "epochs": 60, "lam": (1e-2, 2e-2, 4e-2), "l1_lam": (1e-3, 3e-3, 1e-2),
-                "l1_tol": (1e-2, 3e-2, 1e-1)},
+    "teacher": {
+        "seeds": (0, 1, 2),
+        "epochs": 60,
+        "lam": (1e-2, 2e-2, 4e-2),
+        "l1_lam": (1e-3, 3e-3, 1e-2),
+        "l1_tol": (1e-2, 3e-2, 1e-1),
+    },
 }
 QUICK = {
     "seeds": (0,),
@@ -62,12 +67,22 @@ QUICK = {
     "pat": (2e-2,),
     "teacher": {"seeds": (0,), "epochs": 2, "lam": (2e-2,), "l1_lam": (3e-3,), "l1_tol": (3e-2,)},
 }
-TEACHER = {"n_in": 64, "hidden": (), "n_out": 10, "density": 0.1, "task": "classification", "seed": 0}
+TEACHER = {
+    "n_in": 64,
+    "hidden": (),
+    "n_out": 10,
+    "density": 0.1,
+    "task": "classification",
+    "seed": 0,
+}
 
 
 def _plan(cfg: dict[str, Any], pat: bool) -> list[tuple[str, dict[str, Any]]]:
     plan: list[tuple[str, dict[str, Any]]] = [("dense", {})]
-    plan += [("magnitude", {"sparsity": s, "finetune_epochs": cfg["finetune_epochs"]}) for s in cfg["magnitude"]]
+    plan += [
+        ("magnitude", {"sparsity": s, "finetune_epochs": cfg["finetune_epochs"]})
+        for s in cfg["magnitude"]
+    ]
     plan += [("gradual", {"sparsity": s}) for s in cfg["gradual"]]
     plan += [("prox", {"lam": lam, "mode": "latent"}) for lam in cfg["prox"]]
     plan += [("target", {"target": t}) for t in cfg["target"]]
@@ -78,13 +93,25 @@ def _plan(cfg: dict[str, Any], pat: bool) -> list[tuple[str, dict[str, Any]]]:
 
 def _digits(cfg: dict[str, Any], pat: bool, progress: Any) -> list[experiments.RunResult]:
     data = datasets.digits()
-    results = experiments.compare(data, _plan(cfg, pat), cfg["seeds"], epochs=cfg["epochs"],
-                                  on_run_start=progress.start, on_epoch=progress.epoch)
+    results = experiments.compare(
+        data,
+        _plan(cfg, pat),
+        cfg["seeds"],
+        epochs=cfg["epochs"],
+        on_run_start=progress.start,
+        on_epoch=progress.epoch,
+    )
     for seed in cfg["seeds"]:
         for lam in cfg["l1_loss"]["lam"]:
             progress.start(f"l1_loss λ={lam:g}", seed, cfg["epochs"])
-            results += experiments.run_l1_loss_thresholds(data, lam, cfg["l1_loss"]["tol"], epochs=cfg["epochs"],
-                                                          seed=seed, on_epoch=progress.epoch)
+            results += experiments.run_l1_loss_thresholds(
+                data,
+                lam,
+                cfg["l1_loss"]["tol"],
+                epochs=cfg["epochs"],
+                seed=seed,
+                on_epoch=progress.epoch,
+            )
     return results
 
 
@@ -93,19 +120,23 @@ def _teacher(cfg: dict[str, Any], pat: bool, progress: Any) -> list[dict[str, An
     s = 1.0 - data.meta["density"]
     t = cfg["teacher"]
     common = {"hidden": TEACHER["hidden"], "epochs": t["epochs"]}
-    plan: list[tuple[str, dict[str, Any]]] = [("magnitude", {"sparsity": s, "finetune_epochs": cfg["finetune_epochs"]}),
-                                              ("gradual", {"sparsity": s}),
-                                              ("target", {"target": s})]
+    plan: list[tuple[str, dict[str, Any]]] = [
+        ("magnitude", {"sparsity": s, "finetune_epochs": cfg["finetune_epochs"]}),
+        ("gradual", {"sparsity": s}),
+        ("target", {"target": s}),
+    ]
     plan += [("prox", {"lam": lam, "mode": "latent"}) for lam in t["lam"]]
     if pat:
         plan += [("pat", {"lam": lam}) for lam in t["lam"]]
-    runs = experiments.compare(data, plan, t["seeds"], on_run_start=progress.start, on_epoch=progress.epoch,
-                               **common)
+    runs = experiments.compare(
+        data, plan, t["seeds"], on_run_start=progress.start, on_epoch=progress.epoch, **common
+    )
     for seed in t["seeds"]:
         for lam in t["l1_lam"]:
             progress.start(f"teacher l1_loss λ={lam:g}", seed, t["epochs"])
-            runs += experiments.run_l1_loss_thresholds(data, lam, t["l1_tol"], seed=seed,
-                                                       on_epoch=progress.epoch, **common)
+            runs += experiments.run_l1_loss_thresholds(
+                data, lam, t["l1_tol"], seed=seed, on_epoch=progress.epoch, **common
+            )
     rows = []
     for r in runs:
         f1 = experiments.pattern_f1(r.model, data)
@@ -121,8 +152,10 @@ def _teacher_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         groups.setdefault((r["method"], *((k, r[k]) for k in knobs if k in r)), []).append(r)
     best: dict[str, dict[str, Any]] = {}
     for key, rs in groups.items():
-        mean = {m: sum(r[m] for r in rs) / len(rs) for m in ("pattern_f1", "pattern_precision",
-                                                              "pattern_recall", "sparsity", "accuracy")}
+        mean = {
+            m: sum(r[m] for r in rs) / len(rs)
+            for m in ("pattern_f1", "pattern_precision", "pattern_recall", "sparsity", "accuracy")
+        }
         row = {"method": key[0], **dict(key[1:]), "seeds": len(rs), **mean}
         if key[0] not in best or row["pattern_f1"] > best[key[0]]["pattern_f1"]:
             best[key[0]] = row
@@ -136,8 +169,12 @@ def _figure(summary: list[dict[str, Any]], dense: float, path: Path) -> str:
     for r in summary:
         if r["method"] != "dense":
             curves.setdefault(r["method"], []).append((r["sparsity"], r["accuracy"]))
-    return report.plot_pareto(curves, path, dense_accuracy=dense,
-                              title="digits MLP: accuracy vs exact zeros (each point: mean of seeds)")
+    return report.plot_pareto(
+        curves,
+        path,
+        dense_accuracy=dense,
+        title="digits MLP: accuracy vs exact zeros (each point: mean of seeds)",
+    )
 
 
 def _progress() -> Any:
@@ -147,7 +184,7 @@ def _progress() -> Any:
 
 
 def run(quick: bool = False) -> dict:
-    """Runs the suite, writes ``benchmarks/results/weights.json`` and the Pareto figure; returns the results."""
+    """Runs the suite, writes ``results/weights.json`` and the Pareto figure; returns all."""
     cfg = QUICK if quick else FULL
     torch.set_num_threads(1)  # small MLPs: one thread is fastest, and the machine is shared
     t0 = time.perf_counter()
@@ -161,29 +198,39 @@ def run(quick: bool = False) -> dict:
     for method in dict.fromkeys(r["method"] for r in summary):
         if method == "dense":
             continue
-        b = experiments.best_within([r for r in summary if r["method"] == method], dense["accuracy"], 0.01)
+        b = experiments.best_within(
+            [r for r in summary if r["method"] == method], dense["accuracy"], 0.01
+        )
         best[method] = b
     teacher_best = _teacher_summary(teacher_rows)
     table = []
     for method, b in best.items():
         tb = teacher_best.get(method, {})
         knob = {k: b[k] for k in ("lam", "tol", "target") if b is not None and k in b}
-        table.append({
-            "method": method,
-            "setting": ", ".join(f"{k}={v:g}" for k, v in knob.items()) if b else "none within 1 point",
-            "sparsity_%": 100 * b["sparsity"] if b else None,
-            "accuracy_%": 100 * b["accuracy"] if b else None,
-            "vs_dense_points": 100 * (b["accuracy"] - dense["accuracy"]) if b else None,
-            "nonzero": round(b["nonzero"]) if b else "",
-            "seconds_per_run": b["seconds"] if b else None,
-            "teacher_f1": tb.get("pattern_f1", None),
-        })
+        table.append(
+            {
+                "method": method,
+                "setting": ", ".join(f"{k}={v:g}" for k, v in knob.items())
+                if b
+                else "none within 1 point",
+                "sparsity_%": 100 * b["sparsity"] if b else None,
+                "accuracy_%": 100 * b["accuracy"] if b else None,
+                "vs_dense_points": 100 * (b["accuracy"] - dense["accuracy"]) if b else None,
+                "nonzero": round(b["nonzero"]) if b else "",
+                "seconds_per_run": b["seconds"] if b else None,
+                "teacher_f1": tb.get("pattern_f1", None),
+            }
+        )
     _figure(summary, dense["accuracy"], FIGURE)
     out = {
         "suite": "weights",
         "quick": quick,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "settings": {k: v for k, v in cfg.items()},
         "teacher": TEACHER,
         "dense": dense,

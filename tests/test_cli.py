@@ -1,4 +1,4 @@
-"""Tests of the ``sparsecraft`` command: demo end to end, train on each data set, one-line errors."""
+"""Tests of the ``sparsecraft`` command: demo end to end, train on each data set, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import torch
 from sparsecraft import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_COLUMNS = ["method", "what it does", "test accuracy", "exact zeros", "non-zero params", "wall time"]
+DEMO_COLUMNS = [
+    "method",
+    "what it does",
+    "test accuracy",
+    "exact zeros",
+    "non-zero params",
+    "wall time",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -36,23 +43,49 @@ def test_demo_quick_writes_the_report_and_figures(tmp_path, capsys):
     header = "| " + " | ".join(DEMO_COLUMNS) + " |"
     assert header in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and line != header]
-    assert [r.split("|")[1].strip() for r in rows] == ["dense", "l1_loss", "magnitude", "gradual", "target"]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "dense",
+        "l1_loss",
+        "magnitude",
+        "gradual",
+        "target",
+    ]
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert re.fullmatch(r"\d+\.\d\d %", cells[2]) and re.fullmatch(r"\d+\.\d\d %", cells[3])
     # The L1-in-the-loss row is reported with its 0 % exact zeros before thresholding.
     assert "0.00 % exact zeros" in report
-    for figure in ("pareto.png", "magnitudes_l1_loss.png", "magnitudes_target.png", "training_target.png",
-                   "layer_density_target.png"):
+    for figure in (
+        "pareto.png",
+        "magnitudes_l1_loss.png",
+        "magnitudes_target.png",
+        "training_target.png",
+        "layer_density_target.png",
+    ):
         assert (out / figure).stat().st_size > 1000
         assert f"({figure})" in report
 
 
-@pytest.mark.parametrize(("data", "extra"), [
-    ("digits", ["--penalty", "l1:1e-2", "--hidden", "16"]),
-    ("teacher", ["--penalty", "l1:3e-3", "--target", "0.5"]),
-    ("superposition", ["--model", "autoencoder", "--activity", "l1:0.1", "--hidden", "16", "--optimizer", "adam"]),
-])
+@pytest.mark.parametrize(
+    ("data", "extra"),
+    [
+        ("digits", ["--penalty", "l1:1e-2", "--hidden", "16"]),
+        ("teacher", ["--penalty", "l1:3e-3", "--target", "0.5"]),
+        (
+            "superposition",
+            [
+                "--model",
+                "autoencoder",
+                "--activity",
+                "l1:0.1",
+                "--hidden",
+                "16",
+                "--optimizer",
+                "adam",
+            ],
+        ),
+    ],
+)
 def test_train_writes_model_metrics_and_report(tmp_path, capsys, data, extra):
     out = tmp_path / data
     args = ["train", "--data", data, "--epochs", "1", "--out", str(out), *extra]
@@ -81,17 +114,26 @@ def test_train_writes_model_metrics_and_report(tmp_path, capsys, data, extra):
         assert metrics["explanation"]["terms"][0]["kind"] == "activity"
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["train", "--data", "mnist"], ("invalid choice: 'mnist'", "digits", "teacher", "superposition")),
-    (["train", "--penalty", "l3:1e-3"], "Expected a penalty name among"),
-    (["train", "--penalty", "l1:abc"], "Expected a number"),
-    (["train", "--target", "1.5"], "expected a sparsity fraction in (0, 1)"),
-    (["train", "--epochs", "0"], "expected a positive integer"),
-    (["train", "--optimizer", "rmsprop"], ("choose from", "adam", "sgd")),
-    (["bench", "--suite", "nope"], ("choose from", "weights", "activity", "overhead", "export", "control", "all")),
-    (["frobnicate"], "invalid choice"),
-    ([], "required"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["train", "--data", "mnist"],
+            ("invalid choice: 'mnist'", "digits", "teacher", "superposition"),
+        ),
+        (["train", "--penalty", "l3:1e-3"], "Expected a penalty name among"),
+        (["train", "--penalty", "l1:abc"], "Expected a number"),
+        (["train", "--target", "1.5"], "expected a sparsity fraction in (0, 1)"),
+        (["train", "--epochs", "0"], "expected a positive integer"),
+        (["train", "--optimizer", "rmsprop"], ("choose from", "adam", "sgd")),
+        (
+            ["bench", "--suite", "nope"],
+            ("choose from", "weights", "activity", "overhead", "export", "control", "all"),
+        ),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(capsys, args, expected):
     assert cli.main(args) == 2
     captured = capsys.readouterr()
@@ -103,14 +145,41 @@ def test_bad_flags_exit_2_with_one_line(capsys, args, expected):
 
 
 def test_library_errors_are_one_line_too(tmp_path, capsys):
-    # A spec that parses but cannot be used for a target: refused by the library, reported in one line.
-    args = ["train", "--data", "digits", "--penalty", "l2:1e-3", "--target", "0.9", "--epochs", "1",
-            "--hidden", "8", "--out", str(tmp_path)]
+    # A spec that parses but cannot reach a target: refused by the library, in one line.
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--penalty",
+        "l2:1e-3",
+        "--target",
+        "0.9",
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("sparsecraft train: error: Expected")
-    assert cli.main(["train", "--data", "digits", "--model", "autoencoder", "--epochs", "1",
-                     "--out", str(tmp_path)]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--model",
+                "autoencoder",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "autoencod" in capsys.readouterr().err
 
 
@@ -118,7 +187,9 @@ def test_console_script_has_no_traceback_on_bad_flags():
     exe = Path(sys.executable).with_name("sparsecraft")
     if not exe.exists():
         pytest.skip("console script not installed")
-    proc = subprocess.run([str(exe), "train", "--data", "nope"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [str(exe), "train", "--data", "nope"], capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 

@@ -1,4 +1,4 @@
-"""Tests of sparsecraft.experiments: every method's promise, checked against an outside count or library."""
+"""Tests of sparsecraft.experiments: each method's promise, against an outside count or library."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sparsecraft import datasets, experiments
-from sparsecraft.experiments import _methods
+from sparsecraft.experiments import _pruning
 
 TINY = {"hidden": (16,), "epochs": 2}
 
@@ -24,8 +24,9 @@ def digits():
 
 @pytest.fixture(scope="module")
 def teacher():
-    return datasets.teacher_student(n_in=12, hidden=(6,), n_out=3, density=0.3, n_train=512, n_test=256,
-                                    task="regression")
+    return datasets.teacher_student(
+        n_in=12, hidden=(6,), n_out=3, density=0.3, n_train=512, n_test=256, task="regression"
+    )
 
 
 # --------------------------------------------------------------------------- measuring
@@ -40,7 +41,9 @@ def test_weight_sparsity_counts_torch_prune_masks():
     expected_zeros = int((mask == 0).sum())
     assert expected_zeros == 40
     assert sparsity == pytest.approx(expected_zeros / (80 + 32))
-    dense = sum(int(torch.count_nonzero(p)) for n, p in model.named_parameters() if "weight_orig" not in n)
+    dense = sum(
+        int(torch.count_nonzero(p)) for n, p in model.named_parameters() if "weight_orig" not in n
+    )
     assert nonzero == dense + int(mask.sum())
     assert experiments.weight_names(model) == ["0.weight", "2.weight"]
 
@@ -49,7 +52,9 @@ def test_cubic_sparsity_matches_zhu_gupta_formula():
     final, end = 0.9, 100
     for t in (0, 10, 50, 99, 100, 150):
         p = min(t / end, 1.0)
-        assert experiments.cubic_sparsity(t, final, end) == pytest.approx(final + (0 - final) * (1 - p) ** 3)
+        assert experiments.cubic_sparsity(t, final, end) == pytest.approx(
+            final + (0 - final) * (1 - p) ** 3
+        )
     values = [experiments.cubic_sparsity(t, final, end) for t in range(0, 120)]
     assert all(b >= a for a, b in zip(values, values[1:], strict=False))
     assert values[0] == 0 and values[-1] == final
@@ -58,7 +63,7 @@ def test_cubic_sparsity_matches_zhu_gupta_formula():
 def test_global_masks_keep_the_largest_magnitudes():
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(7, 5, generator=g), torch.randn(3, 11, generator=g)]
-    masks = _methods._global_masks(weights, 0.6)
+    masks = _pruning._global_masks(weights, 0.6)
     flat = np.concatenate([w.abs().flatten().numpy() for w in weights])
     k = round(0.6 * flat.size)
     cut = np.sort(flat)[k - 1]
@@ -145,8 +150,13 @@ def test_bad_knobs_raise_value_errors(digits):
 
 def test_compare_reuses_the_dense_run_for_magnitude(digits):
     started = []
-    results = experiments.compare(digits, [("dense", {}), ("magnitude", {"sparsity": 0.5, "finetune_epochs": 1})],
-                                  seeds=(0, 1), on_run_start=lambda *a: started.append(a), **TINY)
+    results = experiments.compare(
+        digits,
+        [("dense", {}), ("magnitude", {"sparsity": 0.5, "finetune_epochs": 1})],
+        seeds=(0, 1),
+        on_run_start=lambda *a: started.append(a),
+        **TINY,
+    )
     assert [r.method for r in results] == ["dense", "magnitude", "dense", "magnitude"]
     assert [s[0] for s in started] == ["dense", "magnitude"] * 2
     for dense, mag in (results[:2], results[2:]):
@@ -157,10 +167,17 @@ def test_compare_reuses_the_dense_run_for_magnitude(digits):
 
 def test_summarize_and_best_within():
     def run(method, acc, sp, seed, **cfg):
-        return experiments.RunResult(method, acc, sp, 10, 1.0, nn.Linear(1, 1), config={"seed": seed, **cfg})
+        return experiments.RunResult(
+            method, acc, sp, 10, 1.0, nn.Linear(1, 1), config={"seed": seed, **cfg}
+        )
 
-    rows = experiments.summarize([run("prox", 0.9, 0.5, 0, lam=1), run("prox", 0.8, 0.7, 1, lam=1),
-                                  run("prox", 0.7, 0.9, 0, lam=2)])
+    rows = experiments.summarize(
+        [
+            run("prox", 0.9, 0.5, 0, lam=1),
+            run("prox", 0.8, 0.7, 1, lam=1),
+            run("prox", 0.7, 0.9, 0, lam=2),
+        ]
+    )
     assert len(rows) == 2
     assert rows[0]["accuracy"] == pytest.approx(0.85) and rows[0]["sparsity"] == pytest.approx(0.6)
     assert rows[0]["accuracy_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
@@ -189,7 +206,9 @@ def test_pattern_f1_is_invariant_to_hidden_unit_order(teacher):
     assert score["precision"] == pytest.approx(1.0)
     # A dense student has every weight: precision is the teacher's density.
     dense = experiments.build_model(teacher, (6,), 0)
-    assert experiments.pattern_f1(dense, teacher)["precision"] == pytest.approx(teacher.meta["density"])
+    assert experiments.pattern_f1(dense, teacher)["precision"] == pytest.approx(
+        teacher.meta["density"]
+    )
 
 
 def test_pattern_f1_refuses_data_without_teacher(digits):
@@ -218,7 +237,9 @@ def test_autoencoder_metrics_against_a_perfect_and_a_random_decoder():
     x = data.X_test
     with torch.no_grad():
         x_hat = model(x)
-    assert m["fvu"] == pytest.approx(float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-5)
+    assert m["fvu"] == pytest.approx(
+        float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-5
+    )
     with torch.no_grad():
         codes = model.encode(x)
     assert m["l0"] == pytest.approx(float((codes != 0).sum(1).float().mean()))

@@ -18,21 +18,18 @@ from ._autoencoder import (
     autoencoder_metrics,
     train_autoencoder,
 )
-from ._compare import best_within, compare, pattern_f1, summarize
+from ._compare import METHODS, best_within, compare, pattern_f1, summarize
 from ._demo import DEMO_EPOCHS, demo_plan, reference_case
 from ._methods import (
-    METHODS,
-    cubic_sparsity,
     pat_available,
     run_dense,
-    run_gradual,
     run_l1_loss,
     run_l1_loss_thresholds,
-    run_magnitude,
     run_pat,
     run_prox,
     run_target,
 )
+from ._pruning import cubic_sparsity, run_gradual, run_magnitude
 from ._spec import MODELS, default_hidden, run_spec
 from ._train import (
     RunResult,

@@ -1,4 +1,4 @@
-"""Activity sparsity: sparse autoencoders on the superposition task, scored against the true features.
+"""Activity sparsity: sparse autoencoders on the superposition task, scored on the true features.
 
 Three ways of making the hidden code ``f(x)`` sparse, all with one hidden layer
 ``f = act(W_enc x + b_enc)``, ``x̂ = W_dec f + b_dec``:
@@ -84,7 +84,9 @@ class AutoencoderResult:
 
 
 @torch.no_grad()
-def autoencoder_metrics(model: Autoencoder, data: Split, threshold: float = 0.9) -> dict[str, float]:
+def autoencoder_metrics(
+    model: Autoencoder, data: Split, threshold: float = 0.9
+) -> dict[str, float]:
     """How well the autoencoder found the true features of a superposition split.
 
     Returns:
@@ -100,7 +102,9 @@ def autoencoder_metrics(model: Autoencoder, data: Split, threshold: float = 0.9)
     """
     features = data.meta.get("features")
     if features is None:
-        raise ValueError(f"Expected a superposition split. Received: data={data.name!r} without features")
+        raise ValueError(
+            f"Expected a superposition split. Received: data={data.name!r} without features"
+        )
     was_training = model.training
     model.eval()
     with ActivationMonitor(model, modules=[model.act]) as monitor:
@@ -112,14 +116,29 @@ def autoencoder_metrics(model: Autoencoder, data: Split, threshold: float = 0.9)
     best = cos.max(dim=1).values
     x = data.X_test
     fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
-    return {"recovered": float((best > threshold).float().mean()), "mean_cosine": float(best.mean()),
-            "l0": float(stats["mean_l0"]), "fvu": fvu, "dead": int(stats["dead_units"]),
-            "latents": int(stats["n_units"])}
+    return {
+        "recovered": float((best > threshold).float().mean()),
+        "mean_cosine": float(best.mean()),
+        "l0": float(stats["mean_l0"]),
+        "fvu": fvu,
+        "dead": int(stats["dead_units"]),
+        "latents": int(stats["n_units"]),
+    }
 
 
-def train_autoencoder(data: Split, kind: str = "l1", *, latents: int = 128, lam: float = 3e-3, k: int = 4,
-                      epochs: int = 30, batch_size: int = 256, lr: float = 3e-3, seed: int = 0,
-                      on_epoch: Callback | None = None) -> AutoencoderResult:
+def train_autoencoder(
+    data: Split,
+    kind: str = "l1",
+    *,
+    latents: int = 128,
+    lam: float = 3e-3,
+    k: int = 4,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> AutoencoderResult:
     """Trains a sparse autoencoder on ``data`` (``X_train`` → ``X_train``) with Adam.
 
     Args:
@@ -152,7 +171,7 @@ def train_autoencoder(data: Split, kind: str = "l1", *, latents: int = 128, lam:
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(0, n, batch_size):
-            x = data.X_train[perm[i:i + batch_size]]
+            x = data.X_train[perm[i : i + batch_size]]
             opt.zero_grad()
             # Squared error summed over features, averaged over the batch: ‖x − x̂‖² per sample.
             if kind == "l1_weighted":
@@ -177,6 +196,12 @@ def train_autoencoder(data: Split, kind: str = "l1", *, latents: int = 128, lam:
             on_epoch(epoch, record)
     if reg is not None:
         reg.remove()
-    config = {"latents": latents, "epochs": epochs, "seed": seed, **({"k": k} if kind == "topk" else {"lam": lam})}
-    return AutoencoderResult(kind, autoencoder_metrics(model, data), time.perf_counter() - t0, model, history,
-                             config)
+    config = {
+        "latents": latents,
+        "epochs": epochs,
+        "seed": seed,
+        **({"k": k} if kind == "topk" else {"lam": lam}),
+    }
+    return AutoencoderResult(
+        kind, autoencoder_metrics(model, data), time.perf_counter() - t0, model, history, config
+    )

@@ -10,16 +10,30 @@ import torch
 from torch import nn
 
 from ..datasets import Split
-from ._methods import METHODS, run_dense
+from ._methods import run_dense, run_l1_loss, run_pat, run_prox, run_target
+from ._pruning import run_gradual, run_magnitude
 from ._train import Callback, RunResult
 
-__all__ = ["compare", "summarize", "best_within", "pattern_f1"]
+__all__ = ["METHODS", "compare", "summarize", "best_within", "pattern_f1"]
+
+# name -> (function, the name of its knob, or None)
+METHODS: dict[str, tuple[Callable[..., RunResult], str | None]] = {
+    "dense": (run_dense, None),
+    "l1_loss": (run_l1_loss, "lam"),
+    "magnitude": (run_magnitude, "sparsity"),
+    "gradual": (run_gradual, "sparsity"),
+    "prox": (run_prox, "lam"),
+    "target": (run_target, "target"),
+    "pat": (run_pat, "lam"),
+}
+
 
 _KNOBS = ("lam", "tol", "target", "mode", "optimizer", "finetune_epochs", "frequency")
 
 
-def _method_list(methods: Mapping[str, Mapping[str, Any]] | Iterable[tuple[str, Mapping[str, Any]]]
-                 ) -> list[tuple[str, dict[str, Any]]]:
+def _method_list(
+    methods: Mapping[str, Mapping[str, Any]] | Iterable[tuple[str, Mapping[str, Any]]],
+) -> list[tuple[str, dict[str, Any]]]:
     items = list(methods.items()) if isinstance(methods, Mapping) else list(methods)
     out = []
     for item in items:
@@ -69,17 +83,28 @@ def compare(
         for name, kw in plan:
             fn, _ = METHODS[name]
             kwargs = {**common, **kw, "seed": seed}
-            key = (seed, tuple(kwargs.get("hidden", (256, 256))), kwargs.get("epochs", 60),
-                   kwargs.get("optimizer", "sgd"), kwargs.get("lr"))
+            key = (
+                seed,
+                tuple(kwargs.get("hidden", (256, 256))),
+                kwargs.get("epochs", 60),
+                kwargs.get("optimizer", "sgd"),
+                kwargs.get("lr"),
+            )
             if name == "magnitude" and "dense" not in kwargs:
                 if key not in dense_cache:
-                    dense_kw = {k: kwargs[k] for k in ("hidden", "epochs", "optimizer", "lr") if k in kwargs}
+                    dense_kw = {
+                        k: kwargs[k] for k in ("hidden", "epochs", "optimizer", "lr") if k in kwargs
+                    }
                     if on_run_start is not None:
                         on_run_start("dense (for magnitude)", seed, kwargs.get("epochs", 60))
                     dense_cache[key] = run_dense(data, seed=seed, on_epoch=on_epoch, **dense_kw)
                 kwargs["dense"] = dense_cache[key]
             if on_run_start is not None:
-                epochs = kwargs.get("finetune_epochs", 20) if name == "magnitude" else kwargs.get("epochs", 60)
+                epochs = (
+                    kwargs.get("finetune_epochs", 20)
+                    if name == "magnitude"
+                    else kwargs.get("epochs", 60)
+                )
                 on_run_start(name, seed, epochs)
             r = fn(data, on_epoch=on_epoch, **kwargs)
             if name == "dense":
@@ -116,8 +141,9 @@ def summarize(results: Iterable[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def best_within(rows: Iterable[Mapping[str, Any]], reference: float, tolerance: float = 0.01
-                ) -> dict[str, Any] | None:
+def best_within(
+    rows: Iterable[Mapping[str, Any]], reference: float, tolerance: float = 0.01
+) -> dict[str, Any] | None:
     """The row with the highest ``sparsity`` whose ``accuracy >= reference − tolerance``, or None.
 
     Ties in sparsity go to the higher accuracy.
@@ -144,18 +170,22 @@ def pattern_f1(model: nn.Module, data: Split) -> dict[str, float]:
         ``{"f1", "precision", "recall", "student_density", "teacher_density"}``.
 
     Raises:
-        ValueError: If ``data`` has no teacher (only :func:`~sparsecraft.datasets.teacher_student` has).
+        ValueError: If ``data`` has no teacher (only
+            :func:`~sparsecraft.datasets.teacher_student` has one).
     """
     from scipy.optimize import linear_sum_assignment
 
     teacher = data.meta.get("teacher")
     if teacher is None:
-        raise ValueError(f"Expected a teacher-student split. Received: data={data.name!r} without a teacher")
+        raise ValueError(
+            f"Expected a teacher-student split. Received: data={data.name!r} without a teacher"
+        )
     s_lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
     t_lin = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
     if len(s_lin) != len(t_lin) or s_lin[0].in_features != t_lin[0].in_features:
         raise ValueError(
-            f"Expected a student with the teacher's depth and inputs. Received: {len(s_lin)} Linear layers "
+            f"Expected a student with the teacher's depth and inputs. "
+            f"Received: {len(s_lin)} Linear layers "
             f"for the teacher's {len(t_lin)}"
         )
     was_training = model.training
@@ -191,12 +221,17 @@ def pattern_f1(model: nn.Module, data: Split) -> dict[str, float]:
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
     total = sum(m.weight.numel() for m in t_lin)
-    return {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "precision": precision, "recall": recall,
-            "student_density": (tp + fp) / total, "teacher_density": (tp + fn) / total}
+    return {
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "precision": precision,
+        "recall": recall,
+        "student_density": (tp + fp) / total,
+        "teacher_density": (tp + fn) / total,
+    }
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between the columns of ``a`` and those of ``b`` (0 for constant columns)."""
+    """Pearson correlation of the columns of ``a`` with those of ``b`` (0 for constant columns)."""
     a = a - a.mean(0)
     b = b - b.mean(0)
     na = a.norm(dim=0).clamp_min(1e-12)

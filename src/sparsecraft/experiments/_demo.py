@@ -36,13 +36,21 @@ def reference_case(seed: int = 0) -> dict[str, Any]:
     with torch.no_grad():
         out = activity_layer(batch)
     cases = {
-        "tensor": {"value": float(pen(x)), "formula": "0.1 · Σ|x| over 16 entries of 3 = 0.1 · 48",
-                   "explanation": None},
-        "kernel": {"value": float(kernel.value()), "formula": "0.1 · Σ|W| over the 3x4 kernel",
-                   "explanation": kernel.explain()},
-        "activity": {"value": float(activity.value()),
-                     "formula": f"0.1 · Σ|Wx + b| / batch of {out.shape[0]}",
-                     "explanation": activity.explain()},
+        "tensor": {
+            "value": float(pen(x)),
+            "formula": "0.1 · Σ|x| over 16 entries of 3 = 0.1 · 48",
+            "explanation": None,
+        },
+        "kernel": {
+            "value": float(kernel.value()),
+            "formula": "0.1 · Σ|W| over the 3x4 kernel",
+            "explanation": kernel.explain(),
+        },
+        "activity": {
+            "value": float(activity.value()),
+            "formula": f"0.1 · Σ|Wx + b| / batch of {out.shape[0]}",
+            "explanation": activity.explain(),
+        },
     }
     kernel.remove()
     activity.remove()
@@ -62,6 +70,11 @@ def demo_plan(quick: bool = False) -> list[tuple[str, dict[str, Any]]]:
         ("target", {"target": 0.99}),
     ]
     if quick:
-        plan = [(name, {**kw, "hidden": (32,)} | ({"finetune_epochs": 1} if name == "magnitude" else {}))
-                for name, kw in plan]
+        plan = [
+            (
+                name,
+                {**kw, "hidden": (32,)} | ({"finetune_epochs": 1} if name == "magnitude" else {}),
+            )
+            for name, kw in plan
+        ]
     return plan

@@ -3,10 +3,7 @@
 * ``dense``: no penalty, the reference accuracy.
 * ``l1_loss``: Keras style, ``λ·Σ|W|`` added to the loss, then
   :func:`~sparsecraft.optim.threshold` (the loss alone leaves no exact zero).
-* ``magnitude``: one-shot global magnitude pruning (``torch.nn.utils.prune``)
-  of the trained dense model, then fine-tuning with the mask fixed.
-* ``gradual``: gradual magnitude pruning with the cubic schedule of Zhu & Gupta
-  (2017), as TensorFlow Model Optimization's ``PolynomialDecay`` does it.
+* ``magnitude`` and ``gradual``: magnitude pruning, in :mod:`._pruning`.
 * ``prox``: :class:`~sparsecraft.ProximalOptimizer` with an L1 penalty.
 * ``target``: prox plus :class:`~sparsecraft.control.TargetSparsity`.
 * ``pat``: torchao's prototype PAT (``PruneOptimizer`` with an elementwise
@@ -19,12 +16,10 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from ..datasets import Split
 from ..optim import ProximalOptimizer, threshold
@@ -44,15 +39,12 @@ from ._train import (
 
 __all__ = [
     "run_dense",
-    "run_gradual",
     "run_l1_loss",
     "run_l1_loss_thresholds",
-    "run_magnitude",
     "run_pat",
     "pat_available",
     "run_prox",
     "run_target",
-    "cubic_sparsity",
 ]
 
 Hidden = Sequence[int]
@@ -70,34 +62,71 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def run_dense(data: Split, *, hidden: Hidden = (256, 256), epochs: int = 60, optimizer: str = "sgd",
-              lr: float | None = None, seed: int = 0, on_epoch: Callback | None = None) -> RunResult:
+def run_dense(
+    data: Split,
+    *,
+    hidden: Hidden = (256, 256),
+    epochs: int = 60,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> RunResult:
     """No penalty: the accuracy every sparse method is compared with."""
     t0 = time.perf_counter()
     model = build_model(data, tuple(hidden), seed)
-    h = train(model, data, make_optimizer(optimizer, model.parameters(), lr), epochs=epochs, seed=seed,
-              on_epoch=on_epoch)
+    h = train(
+        model,
+        data,
+        make_optimizer(optimizer, model.parameters(), lr),
+        epochs=epochs,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
     return result("dense", model, data, t0, h, {"optimizer": optimizer, "seed": seed})
 
 
-def run_prox(data: Split, lam: float, *, hidden: Hidden = (256, 256), epochs: int = 60,
-             optimizer: str = "sgd", lr: float | None = None, mode: str = "forward_backward",
-             floor: float = 0.1, penalty: Any = None, seed: int = 0,
-             on_epoch: Callback | None = None) -> RunResult:
+def run_prox(
+    data: Split,
+    lam: float,
+    *,
+    hidden: Hidden = (256, 256),
+    epochs: int = 60,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    mode: str = "forward_backward",
+    floor: float = 0.1,
+    penalty: Any = None,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> RunResult:
     """L1 (or ``penalty``) on every weight matrix, applied by prox: exact zeros during training."""
     t0 = time.perf_counter()
     model = build_model(data, tuple(hidden), seed)
     reg = Regularizer(model)
     reg.add_weight((nn.Linear, "weight"), penalty if penalty is not None else L1(lam))
-    opt = ProximalOptimizer(make_optimizer(optimizer, model.parameters(), lr), reg, mode=mode, floor=floor)
+    opt = ProximalOptimizer(
+        make_optimizer(optimizer, model.parameters(), lr), reg, mode=mode, floor=floor
+    )
     h = train(model, data, opt, epochs=epochs, regularizer=reg, seed=seed, on_epoch=on_epoch)
     reg.remove()
-    return result("prox", model, data, t0, h, {"optimizer": optimizer, "lam": lam, "mode": mode, "seed": seed})
+    return result(
+        "prox", model, data, t0, h, {"optimizer": optimizer, "lam": lam, "mode": mode, "seed": seed}
+    )
 
 
-def run_l1_loss_thresholds(data: Split, lam: float, tols: Sequence[float], *, hidden: Hidden = (256, 256),
-                           epochs: int = 60, optimizer: str = "sgd", lr: float | None = None, seed: int = 0,
-                           on_epoch: Callback | None = None) -> list[RunResult]:
+def run_l1_loss_thresholds(
+    data: Split,
+    lam: float,
+    tols: Sequence[float],
+    *,
+    hidden: Hidden = (256, 256),
+    epochs: int = 60,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> list[RunResult]:
     """One Keras-style training (``λ·Σ|W|`` in the loss), then one thresholded copy per ``tol``.
 
     The details of each result hold the exact zeros and the accuracy before
@@ -110,8 +139,15 @@ def run_l1_loss_thresholds(data: Split, lam: float, tols: Sequence[float], *, hi
     model = build_model(data, tuple(hidden), seed)
     reg = Regularizer(model)
     reg.add_weight((nn.Linear, "weight"), L1(lam))
-    h = train(model, data, make_optimizer(optimizer, model.parameters(), lr), epochs=epochs,
-              regularizer=reg, seed=seed, on_epoch=on_epoch)
+    h = train(
+        model,
+        data,
+        make_optimizer(optimizer, model.parameters(), lr),
+        epochs=epochs,
+        regularizer=reg,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
     reg.remove()
     trained = time.perf_counter() - t0
     before_sparsity, _ = weight_sparsity(model)
@@ -121,123 +157,66 @@ def run_l1_loss_thresholds(data: Split, lam: float, tols: Sequence[float], *, hi
         t1 = time.perf_counter()
         copy_ = copy.deepcopy(model)
         report = threshold(copy_, tol, params="*weight")
-        r = result("l1_loss", copy_, data, t1, h,
-                   {"optimizer": optimizer, "lam": lam, "tol": tol, "seed": seed},
-                   {"sparsity_before_threshold": before_sparsity,
-                    "accuracy_before_threshold": before_accuracy,
-                    "max_removed": max(v["max_removed"] for v in report.values())})
+        r = result(
+            "l1_loss",
+            copy_,
+            data,
+            t1,
+            h,
+            {"optimizer": optimizer, "lam": lam, "tol": tol, "seed": seed},
+            {
+                "sparsity_before_threshold": before_sparsity,
+                "accuracy_before_threshold": before_accuracy,
+                "max_removed": max(v["max_removed"] for v in report.values()),
+            },
+        )
         r.seconds += trained
         r.artifacts["model_before_threshold"] = model
         out.append(r)
     return out
 
 
-def run_l1_loss(data: Split, lam: float, *, tol: float = 1e-3, hidden: Hidden = (256, 256),
-                epochs: int = 60, optimizer: str = "sgd", lr: float | None = None, seed: int = 0,
-                on_epoch: Callback | None = None) -> RunResult:
+def run_l1_loss(
+    data: Split,
+    lam: float,
+    *,
+    tol: float = 1e-3,
+    hidden: Hidden = (256, 256),
+    epochs: int = 60,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> RunResult:
     """L1 in the loss (Keras's ``kernel_regularizer``), then every ``|w| <= tol`` set to zero."""
-    return run_l1_loss_thresholds(data, lam, (tol,), hidden=hidden, epochs=epochs, optimizer=optimizer,
-                                  lr=lr, seed=seed, on_epoch=on_epoch)[0]
+    return run_l1_loss_thresholds(
+        data,
+        lam,
+        (tol,),
+        hidden=hidden,
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=lr,
+        seed=seed,
+        on_epoch=on_epoch,
+    )[0]
 
 
-def run_magnitude(data: Split, sparsity: float, *, hidden: Hidden = (256, 256), epochs: int = 60,
-                  finetune_epochs: int = 20, optimizer: str = "sgd", lr: float | None = None, seed: int = 0,
-                  dense: RunResult | None = None, on_epoch: Callback | None = None) -> RunResult:
-    """One-shot global magnitude pruning of a trained dense model, then fine-tuning with the mask.
-
-    The smallest ``sparsity`` fraction of all weight-matrix entries (one global
-    ranking, ``torch.nn.utils.prune.global_unstructured`` with
-    ``L1Unstructured``) is masked; the model is fine-tuned for
-    ``finetune_epochs`` with the mask fixed; ``prune.remove`` then makes the
-    zeros permanent. Pass ``dense`` (a :func:`run_dense` result, not modified)
-    to reuse its training; its time is added to this run's.
-    """
-    sparsity = _check_fraction("sparsity", sparsity)
-    if dense is None:
-        dense = run_dense(data, hidden=hidden, epochs=epochs, optimizer=optimizer, lr=lr, seed=seed)
-    t0 = time.perf_counter()
-    model = copy.deepcopy(dense.model)
-    targets = [(m, "weight") for m in _linears(model)]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    pruned_accuracy = evaluate(model, data)
-    h = train(model, data, make_optimizer(optimizer, model.parameters(), lr), epochs=finetune_epochs,
-              seed=seed + 1, on_epoch=on_epoch)
-    for m, name in targets:
-        prune.remove(m, name)
-    r = result("magnitude", model, data, t0, h,
-               {"optimizer": optimizer, "target": sparsity, "finetune_epochs": finetune_epochs, "seed": seed},
-               {"accuracy_after_pruning": pruned_accuracy, "dense_accuracy": dense.accuracy,
-                "dense_seconds": dense.seconds})
-    r.seconds += dense.seconds
-    return r
-
-
-def cubic_sparsity(step: int, final: float, end_step: int, initial: float = 0.0, start_step: int = 0) -> float:
-    """Zhu & Gupta's schedule ``s_t = s_f + (s_i − s_f)(1 − (t − t0)/(n·Δt))³``, held at ``s_f`` after the end."""
-    if step <= start_step:
-        return initial
-    progress = min((step - start_step) / max(end_step - start_step, 1), 1.0)
-    return final + (initial - final) * (1.0 - progress) ** 3
-
-
-@torch.no_grad()
-def _global_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Keep-masks zeroing the ``round(sparsity·N)`` smallest magnitudes over all ``weights`` together."""
-    flat = torch.cat([w.abs().flatten() for w in weights])
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    k = round(sparsity * flat.numel())
-    if k > 0:
-        keep[torch.topk(flat, k, largest=False).indices] = False
-    return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights, strict=True)]
-
-
-def run_gradual(data: Split, sparsity: float, *, hidden: Hidden = (256, 256), epochs: int = 60,
-                optimizer: str = "sgd", lr: float | None = None, frequency: int = 10,
-                ramp_fraction: float = 2 / 3, seed: int = 0, on_epoch: Callback | None = None) -> RunResult:
-    """Gradual magnitude pruning from scratch (Zhu & Gupta 2017, "To prune, or not to prune").
-
-    Sparsity follows :func:`cubic_sparsity` from 0 to ``sparsity`` over the
-    first ``ramp_fraction`` of the steps; every ``frequency`` steps the masks
-    are recomputed by one global magnitude ranking (tfmot's ``PolynomialDecay``
-    with power 3 and ``frequency``). Masked weights get no gradient and are
-    re-zeroed after every step; the rest of training fine-tunes the final mask.
-    """
-    sparsity = _check_fraction("sparsity", sparsity)
-    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-        raise ValueError(f"Expected frequency >= 1. Received: frequency={frequency!r}")
-    ramp_fraction = float(ramp_fraction)
-    if not 0 < ramp_fraction <= 1:
-        raise ValueError(f"Expected ramp_fraction in (0, 1]. Received: ramp_fraction={ramp_fraction!r}")
-    t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
-    weights = [m.weight for m in _linears(model)]
-    end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data)))
-    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
-    hooks = [w.register_hook(lambda g, i=i: g * masks[i]) for i, w in enumerate(weights)]
-    step = 0
-
-    @torch.no_grad()
-    def after_step() -> None:
-        nonlocal step
-        step += 1
-        if step <= end and (step % frequency == 0 or step == end):
-            masks[:] = _global_masks(weights, cubic_sparsity(step, sparsity, end))
-        for w, m in zip(weights, masks, strict=True):
-            w.mul_(m)
-
-    h = train(model, data, make_optimizer(optimizer, model.parameters(), lr), epochs=epochs, seed=seed,
-              after_step=after_step, on_epoch=on_epoch)
-    for hook in hooks:
-        hook.remove()
-    return result("gradual", model, data, t0, h,
-                  {"optimizer": optimizer, "target": sparsity, "frequency": frequency, "seed": seed},
-                  {"ramp_steps": end})
-
-
-def run_target(data: Split, target: float, *, hidden: Hidden = (256, 256), epochs: int = 60,
-               optimizer: str = "sgd", lr: float | None = None, mode: str = "latent", lam: float = 1e-2,
-               ramp_fraction: float = 2 / 3, finalize: bool = True, seed: int = 0,
-               on_epoch: Callback | None = None) -> RunResult:
+def run_target(
+    data: Split,
+    target: float,
+    *,
+    hidden: Hidden = (256, 256),
+    epochs: int = 60,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    mode: str = "latent",
+    lam: float = 1e-2,
+    ramp_fraction: float = 2 / 3,
+    finalize: bool = True,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> RunResult:
     """Prox L1 whose strength :class:`~sparsecraft.control.TargetSparsity` steers to ``target``.
 
     The controller ramps sparsity from 0 to ``target`` (cubic) over the first
@@ -255,15 +234,34 @@ def run_target(data: Split, target: float, *, hidden: Hidden = (256, 256), epoch
     opt = ProximalOptimizer(make_optimizer(optimizer, model.parameters(), lr), reg, mode=mode)
     end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data)))
     ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic")
-    h = train(model, data, opt, epochs=epochs, regularizer=reg, controller=ctrl, seed=seed, on_epoch=on_epoch)
-    details: dict[str, Any] = {"sparsity_before_finalize": weight_sparsity(model)[0],
-                               "accuracy_before_finalize": evaluate(model, data), "final_scale": ctrl.scale}
+    h = train(
+        model,
+        data,
+        opt,
+        epochs=epochs,
+        regularizer=reg,
+        controller=ctrl,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
+    details: dict[str, Any] = {
+        "sparsity_before_finalize": weight_sparsity(model)[0],
+        "accuracy_before_finalize": evaluate(model, data),
+        "final_scale": ctrl.scale,
+    }
     if finalize and hasattr(ctrl, "finalize"):
         fin = ctrl.finalize()
         details["finalize_zeroed"] = fin.get("zeroed", 0.0)
     reg.remove()
-    r = result("target", model, data, t0, h,
-               {"optimizer": optimizer, "target": target, "mode": mode, "lam": lam, "seed": seed}, details)
+    r = result(
+        "target",
+        model,
+        data,
+        t0,
+        h,
+        {"optimizer": optimizer, "target": target, "mode": mode, "lam": lam, "seed": seed},
+        details,
+    )
     r.artifacts["controller_history"] = list(ctrl.history)
     return r
 
@@ -296,8 +294,17 @@ def pat_available() -> bool:
     return True
 
 
-def run_pat(data: Split, lam: float, *, hidden: Hidden = (256, 256), epochs: int = 60, optimizer: str = "sgd",
-            lr: float | None = None, seed: int = 0, on_epoch: Callback | None = None) -> RunResult:
+def run_pat(
+    data: Split,
+    lam: float,
+    *,
+    hidden: Hidden = (256, 256),
+    epochs: int = 60,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    seed: int = 0,
+    on_epoch: Callback | None = None,
+) -> RunResult:
     """torchao's PAT: ``PruneOptimizer`` with an elementwise lasso on the weight matrices.
 
     Configured as its source describes: a parameter group with
@@ -314,20 +321,15 @@ def run_pat(data: Split, lam: float, *, hidden: Hidden = (256, 256), epochs: int
     model = build_model(data, tuple(hidden), seed)
     weights = [p for p in model.parameters() if p.ndim >= 2]
     others = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": weights, "group_type": "ElemGrouper", "prox_type": "ProxLasso", "reg_lambda": lam},
-              {"params": others}]
+    groups = [
+        {
+            "params": weights,
+            "group_type": "ElemGrouper",
+            "prox_type": "ProxLasso",
+            "reg_lambda": lam,
+        },
+        {"params": others},
+    ]
     opt = prune_optimizer(make_optimizer(optimizer, groups, lr), reg_lambda=lam)
     h = train(model, data, opt, epochs=epochs, seed=seed, on_epoch=on_epoch)
     return result("pat", model, data, t0, h, {"optimizer": optimizer, "lam": lam, "seed": seed})
-
-
-# name -> (function, the name of its knob, or None)
-METHODS: dict[str, tuple[Callable[..., RunResult], str | None]] = {
-    "dense": (run_dense, None),
-    "l1_loss": (run_l1_loss, "lam"),
-    "magnitude": (run_magnitude, "sparsity"),
-    "gradual": (run_gradual, "sparsity"),
-    "prox": (run_prox, "lam"),
-    "target": (run_target, "target"),
-    "pat": (run_pat, "lam"),
-}

@@ -24,7 +24,7 @@ _APPLY = ("prox", "loss")
 
 
 def default_hidden(data: Split, model: str = "mlp") -> tuple[int, ...]:
-    """Hidden widths used when none are given: the digits MLP, the teacher's widths, a 2x-wide code."""
+    """Default hidden widths: the digits MLP, the teacher's widths, or a 2x-wide code."""
     if model == "autoencoder" or data.name == "superposition":
         return (2 * int(data.meta.get("n_latent", data.n_features)),)
     if data.name == "teacher":
@@ -46,7 +46,9 @@ def _build(data: Split, model: str, hidden: tuple[int, ...], seed: int) -> nn.Mo
             f"model='autoencoder'. Received: data={data.name!r}"
         )
     if len(hidden) != 1:
-        raise ValueError(f"Expected one hidden width for model='autoencoder'. Received: hidden={hidden}")
+        raise ValueError(
+            f"Expected one hidden width for model='autoencoder'. Received: hidden={hidden}"
+        )
     import torch
 
     torch.manual_seed(seed)
@@ -69,7 +71,7 @@ def run_spec(
     seed: int = 0,
     on_epoch: Callback | None = None,
 ) -> RunResult:
-    """Trains ``model`` on ``data`` with a weight penalty, an activity penalty and/or a target sparsity.
+    """Trains ``model`` on ``data`` with a weight penalty, an activity penalty and/or a target.
 
     Args:
         data: The split.
@@ -103,8 +105,9 @@ def run_spec(
         raise ValueError(f"Expected model in {MODELS}. Received: model={model!r}")
     if apply not in _APPLY:
         raise ValueError(f"Expected apply in {_APPLY}. Received: apply={apply!r}")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                               or not 0 < target < 1):
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1
+    ):
         raise ValueError(f"Expected target in (0, 1). Received: target={target!r}")
     if target is not None and penalty is None:
         penalty = "l1:1e-2"
@@ -131,12 +134,21 @@ def run_spec(
         if not isinstance(opt, ProximalOptimizer):
             raise ValueError(
                 f"Expected a weight penalty applied by prox for target={target}. Received: "
-                f"penalty={penalty!r} with apply={apply!r}; a penalty in the loss makes no exact zeros"
+                f"penalty={penalty!r} with apply={apply!r}; "
+                "a penalty in the loss makes no exact zeros"
             )
         end = max(1, round(2 / 3 * epochs * steps_per_epoch(data)))
         ctrl = TargetSparsity(opt, target=float(target), end_step=end)
-    h = train(net, data, opt, epochs=epochs, regularizer=reg if reg.terms else None, controller=ctrl,
-              seed=seed, on_epoch=on_epoch)
+    h = train(
+        net,
+        data,
+        opt,
+        epochs=epochs,
+        regularizer=reg if reg.terms else None,
+        controller=ctrl,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
     details: dict[str, Any] = {}
     if ctrl is not None and hasattr(ctrl, "finalize"):
         details["finalize"] = ctrl.finalize()
@@ -147,10 +159,20 @@ def run_spec(
         details["autoencoder"] = autoencoder_metrics(net, data)
     if "teacher" in data.meta and model == "mlp" and hidden == default_hidden(data):
         details["pattern"] = pattern_f1(net, data)
-    config = {"data": data.name, "model": model, "hidden": list(hidden),
-              "penalty": _describe(weight_pen), "activity": _describe(activity_pen),
-              "target": target, "apply": apply, "optimizer": optimizer, "lr": lr, "mode": mode,
-              "epochs": epochs, "seed": seed}
+    config = {
+        "data": data.name,
+        "model": model,
+        "hidden": list(hidden),
+        "penalty": _describe(weight_pen),
+        "activity": _describe(activity_pen),
+        "target": target,
+        "apply": apply,
+        "optimizer": optimizer,
+        "lr": lr,
+        "mode": mode,
+        "epochs": epochs,
+        "seed": seed,
+    }
     r = result("train", net, data, t0, h, config, details)
     r.explanation = explanation
     if ctrl is not None:

@@ -60,8 +60,15 @@ class RunResult:
 
     def row(self) -> dict[str, Any]:
         """A flat JSON-ready dict: the numbers, the knobs and the details."""
-        return {"method": self.method, "accuracy": self.accuracy, "sparsity": self.sparsity,
-                "nonzero": self.nonzero, "seconds": self.seconds, **self.config, **self.details}
+        return {
+            "method": self.method,
+            "accuracy": self.accuracy,
+            "sparsity": self.sparsity,
+            "nonzero": self.nonzero,
+            "seconds": self.seconds,
+            **self.config,
+            **self.details,
+        }
 
 
 def _effective(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -115,7 +122,7 @@ def evaluate(model: nn.Module, data: Split) -> float:
 
 
 def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
-    """``"sgd"`` (momentum 0.9, lr 0.05) or ``"adam"`` (lr 1e-3): the two optimizers the methods use.
+    """``"sgd"`` (momentum 0.9, lr 0.05) or ``"adam"`` (lr 1e-3): the optimizers of the methods.
 
     Raises:
         ValueError: On another name.
@@ -128,7 +135,7 @@ def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.opt
 
 
 def build_model(data: Split, hidden: tuple[int, ...] = (256, 256), seed: int = 0) -> nn.Sequential:
-    """The MLP the methods train on ``data``: ``mlp(n_features, hidden, n_out)`` seeded with ``seed``."""
+    """The MLP the methods train: ``mlp(n_features, hidden, n_out)``, seeded with ``seed``."""
     torch.manual_seed(seed)
     n_out = data.n_classes if data.n_classes is not None else data.y_train.shape[1]
     return mlp(data.n_features, hidden, n_out)
@@ -170,7 +177,8 @@ def train(
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(
-            f"Expected epochs >= 1 and batch_size >= 1. Received: epochs={epochs}, batch_size={batch_size}"
+            "Expected epochs >= 1 and batch_size >= 1. "
+            f"Received: epochs={epochs}, batch_size={batch_size}"
         )
     loss_fn = _loss_fn(data)
     g = torch.Generator().manual_seed(seed)
@@ -181,7 +189,7 @@ def train(
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(data.X_train[idx]), data.y_train[idx])
             if regularizer is not None:
@@ -194,8 +202,13 @@ def train(
                 after_step()
             total += float(loss.detach()) * len(idx)
         sparsity, nonzero = weight_sparsity(model)
-        record = {"epoch": epoch + 1, "loss": total / n, "metric": evaluate(model, data),
-                  "sparsity": sparsity, "nonzero": nonzero}
+        record = {
+            "epoch": epoch + 1,
+            "loss": total / n,
+            "metric": evaluate(model, data),
+            "sparsity": sparsity,
+            "nonzero": nonzero,
+        }
         if controller is not None:
             record.update(controller.record())
         history.append(record)
@@ -204,9 +217,25 @@ def train(
     return history
 
 
-def result(method: str, model: nn.Module, data: Split, t0: float, history: list[dict[str, float]],
-           config: dict[str, Any], details: dict[str, Any] | None = None) -> RunResult:
+def result(
+    method: str,
+    model: nn.Module,
+    data: Split,
+    t0: float,
+    history: list[dict[str, float]],
+    config: dict[str, Any],
+    details: dict[str, Any] | None = None,
+) -> RunResult:
     """Measures ``model`` on ``data`` and packs a :class:`RunResult` (time since ``t0``)."""
     sparsity, nonzero = weight_sparsity(model)
-    return RunResult(method, evaluate(model, data), sparsity, nonzero, time.perf_counter() - t0,
-                     model, history, config, details or {})
+    return RunResult(
+        method,
+        evaluate(model, data),
+        sparsity,
+        nonzero,
+        time.perf_counter() - t0,
+        model,
+        history,
+        config,
+        details or {},
+    )
