@@ -64,10 +64,13 @@ def soft_threshold(v: Tensor, threshold: float | Tensor, *, out: Tensor | None =
             without a temporary.
     """
     if not isinstance(threshold, Tensor):
+        # softshrink refuses a threshold beyond v's dtype range (float16: 65504); any
+        # threshold >= the largest finite value zeroes every finite v alike.
+        tau = min(float(threshold), torch.finfo(v.dtype).max) if v.is_floating_point() else float(threshold)
         if out is None:
-            return torch.nn.functional.softshrink(v, float(threshold))
+            return torch.nn.functional.softshrink(v, tau)
         # softshrink is a single elementwise kernel; aliasing out with v is safe.
-        return torch._C._nn.softshrink(v, float(threshold), out=out)
+        return torch._C._nn.softshrink(v, tau, out=out)
     if out is None:
         return v - torch.clamp(v, -threshold, threshold)
     if out is not v:

@@ -112,7 +112,9 @@ def get(identifier: Any) -> Penalty:
         return _from_spec(identifier)
     if isinstance(identifier, dict):
         cfg = dict(identifier)
-        name = cfg.pop("name", None) or cfg.pop("class_name", None)
+        name = cfg.pop("name", None)
+        if not isinstance(name, str) or not name:  # never the truth value of a tensor
+            name = cfg.pop("class_name", None)
         if not isinstance(name, str):
             raise ValueError(f"Expected a config dict with a 'name' key. Received: {identifier!r}")
         inner = cfg.pop("config", None)

@@ -14,6 +14,7 @@ from ._base import Penalty, fmt, strength
 
 _NAMED_GROUPS = {"rows": 0, "out_channels": 0, "columns": 1, "in_channels": 1}
 _WEIGHTS = ("sqrt_size", "none")
+_MAX_GROUP_INDEX = 2**16  # group labels above the number of slices are allowed up to this
 
 
 class GroupLayout(NamedTuple):
@@ -54,6 +55,14 @@ class _Grouped:
                 ) from None
             if not g or min(g) < 0:
                 raise ValueError(f"Expected non-negative group indices. Received: groups={self.groups!r}")
+            limit = max(len(g), _MAX_GROUP_INDEX)
+            if max(g) >= limit:
+                # Labels may leave groups empty, but every per-group buffer is sized by the
+                # largest label: groups=(10**12,) would ask for terabytes.
+                raise ValueError(
+                    f"Expected group indices below {limit} (the number of slices, or "
+                    f"{_MAX_GROUP_INDEX}). Received: max(groups)={max(g)}"
+                )
             object.__setattr__(self, "groups", g)
             if isinstance(self.dim, bool) or not isinstance(self.dim, int):
                 raise ValueError(f"Expected an int dim. Received: dim={self.dim!r}")
