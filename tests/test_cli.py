@@ -18,6 +18,7 @@ DEMO_COLUMNS = [
     "method",
     "what it does",
     "test accuracy",
+    "vs dense",
     "exact zeros",
     "non-zero params",
     "wall time",
@@ -52,7 +53,8 @@ def test_demo_quick_writes_the_report_and_figures(tmp_path, capsys):
     ]
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert re.fullmatch(r"\d+\.\d\d %", cells[2]) and re.fullmatch(r"\d+\.\d\d %", cells[3])
+        assert re.fullmatch(r"\d+\.\d\d %", cells[2]) and re.fullmatch(r"\d+\.\d\d %", cells[4])
+        assert re.fullmatch(r"[+-]\d+\.\d\d pt", cells[3])
     # The L1-in-the-loss row is reported with its 0 % exact zeros before thresholding.
     assert "0.00 % exact zeros" in report
     for figure in (
