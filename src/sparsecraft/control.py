@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from . import functional as F
 from . import penalties as _penalties
 from .metrics import count_zeros
@@ -282,12 +283,15 @@ class TargetSparsity:
         local shards here and all-reduces (SUM) the result.
         """
         if self.measure == "elements":
-            return count_zeros(self._params, as_tensor=True)
-        norms = []
-        for t in self.terms:
-            lay = t.penalty.layout(t.target)
-            norms.append(F.group_norms(t.target.detach(), lay.dim, lay.index, lay.n_groups))
-        return count_zeros(norms, as_tensor=True)
+            counts = count_zeros(self._params, as_tensor=True)
+        else:
+            # Norms of whole groups, also when a sharded (FSDP2) parameter splits them.
+            norms = [_dist.group_norms(t.penalty, t.target) for t in self.terms]
+            counts = count_zeros(norms, as_tensor=True)
+        # Every rank counts over all ranks, so every rank sets the same strength (sharded
+        # parameters: global counts; replicas, DDP: both counts × world size, same ratio).
+        zeros, numel = _dist.all_reduce_counts(counts[0], counts[1])
+        return torch.stack([zeros, numel])
 
     def measured(self) -> float:
         """The sparsity now: fraction of exact zeros (or of all-zero groups). One host sync."""

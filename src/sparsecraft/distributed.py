@@ -36,7 +36,7 @@ from .metrics._counts import _check_tol, _zero_mask
 from .metrics._report import _named_tensors, _select
 from .penalties import GroupLasso, Penalty, SparseGroupLasso
 
-__all__ = ["all_reduce_counts", "count_zeros", "sparsity", "sync_activity"]
+__all__ = ["all_reduce_counts", "count_zeros", "group_norms", "sparsity", "sync_activity"]
 
 
 def _initialized() -> bool:
@@ -352,8 +352,7 @@ def prox_(penalty: Penalty, p: Tensor, step: float | Tensor) -> None:
             f"parameter. Received: {type(penalty).__name__}, whose prox needs the whole tensor"
         )
     offset, _ = _layout(p)
-    # The layout of the whole parameter: group sizes (and weights) are global.
-    lay = penalty.layout(local.new_empty(()).expand(p.shape))
+    lay = _global_layout(penalty, p)
     strength = penalty.strength if isinstance(penalty, GroupLasso) else penalty.group
     view = [1] * local.ndim
     view[lay.dim] = -1
@@ -363,14 +362,37 @@ def prox_(penalty: Penalty, p: Tensor, step: float | Tensor) -> None:
         if isinstance(step, Tensor) and step.numel() > 1:
             s = (step[lay.index] if lay.index is not None else step)[lo:hi].reshape(view)
         F.soft_threshold(local, s * penalty.l1, out=local)
-    # Squared sums per slice of the local shard (float32 for 16-bit), summed over shards.
-    sums = _reduce_shards(_place(F._slice_sq_sums(local, lay.dim), p, lay.dim, offset), p)
-    if lay.index is not None:
-        sums = sums.new_zeros(lay.n_groups).index_add_(0, lay.index, sums)
-    norms = sums.sqrt()
+    norms = group_norms(penalty, p)
     # The block soft threshold of F.group_soft_threshold, with global group norms.
     thr = lay.weights * (step * strength)
     factor = (1.0 - thr / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
     if lay.index is not None:
         factor = factor[lay.index]
     local.mul_(factor[lo:hi].reshape(view).to(local.dtype))
+
+
+def _global_layout(penalty: Any, t: Tensor) -> Any:
+    """The group layout of the whole tensor (group sizes and weights are global)."""
+    return penalty.layout(t.to_local().new_empty(()).expand(t.shape))
+
+
+@torch.no_grad()
+def group_norms(penalty: Any, t: Tensor) -> Tensor:
+    """Norms of the groups a group penalty (GroupLasso, SparseGroupLasso) defines on ``t``.
+
+    For a sharded DTensor the per-slice squared sums of the local shard are
+    summed over the ranks that hold the other shards (one all-reduce), so every
+    rank gets the norms of the whole tensor; for a plain tensor it is
+    :func:`sparsecraft.functional.group_norms` on the penalty's layout.
+    """
+    if not _is_dtensor(t):
+        lay = penalty.layout(t)
+        return F.group_norms(t.detach(), lay.dim, lay.index, lay.n_groups)
+    local = t.to_local().detach()
+    offset, _ = _layout(t)
+    lay = _global_layout(penalty, t)
+    # Squared sums per slice of the local shard (float32 for 16-bit), summed over shards.
+    sums = _reduce_shards(_place(F._slice_sq_sums(local, lay.dim), t, lay.dim, offset), t)
+    if lay.index is not None:
+        sums = sums.new_zeros(lay.n_groups).index_add_(0, lay.index, sums)
+    return sums.sqrt()
