@@ -65,7 +65,8 @@ def test_cubic_ramp_is_zhu_gupta():
 
 @pytest.mark.parametrize("target", [0.5, 0.95])
 def test_reaches_target_in_latent_mode(data, target):
-    model, reg, opt = small_setup()
+    # the digits MLP of the benchmarks (84,480 weights), 15 epochs instead of 60
+    model, reg, opt = small_setup(hidden=(256, 256))
     epochs = 15
     n = epochs * steps_per_epoch(data)
     ctrl = TargetSparsity(opt, target=target, end_step=2 * n // 3)
@@ -168,13 +169,39 @@ def test_finalize_zeros_the_smallest_to_the_exact_count():
     assert torch.equal(after[kept], w[kept])  # survivors untouched
 
 
+def test_latent_finalize_moves_the_strength_both_ways(data):
+    model, reg, opt = small_setup()
+    ctrl = TargetSparsity(opt, target=0.9, end_step=150)
+    train(model, data, opt, epochs=8, regularizer=reg, controller=ctrl)
+    numel = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
+    for target in (0.85, 0.93):
+        ctrl.target = target
+        before = [p.detach().clone() for p in model.parameters() if p.ndim >= 2]
+        fin = ctrl.finalize()
+        assert weight_zeros(model)[0] == round(target * numel) and fin["latent"] == 1.0
+        assert (fin["revived"] > 0) == (target == 0.85) and (fin["zeroed"] > 0) == (target == 0.93)
+        after = [p.detach() for p in model.parameters() if p.ndim >= 2]
+        changed = sum(int(((a == 0) != (b == 0)).sum()) for a, b in zip(after, before, strict=True))
+        assert changed == fin["revived"] + fin["zeroed"]
+        assert (fin["scale_after"] < fin["scale_before"]) == (target == 0.85)
+    # the weights are what the prox optimizer shows at the new strength: a step that moves
+    # nothing (lr 0) keeps them, bit for bit
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    kept = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(data.X_train[:32]), data.y_train[:32]).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.parameters(), strict=True))
+
+
 def test_finalize_above_target_changes_nothing():
     w = torch.zeros(4, 5)
     w[0, 0] = 1.0
     layer, ctrl = handmade(w.clone(), target=0.5)
     fin = ctrl.finalize()
     assert torch.equal(layer.weight.detach(), w)
-    assert fin["zeroed"] == 0 and fin["excess"] == 19 - 10
+    assert fin["zeroed"] == 0 and fin["excess"] == 19 - 10 and fin["latent"] == 0.0
 
 
 # --------------------------------------------------------------------------- state

@@ -88,16 +88,18 @@ class TargetSparsity:
     strength multiplier ``m`` of the terms in log space::
 
         e = log(d / d*)                 clipped to [−1, 1]
-        v ← 0.99·v + drift·k·e          (the trend of log m, clipped to ±0.5)
+        v ← c·v + drift·k·e             (the trend of log m, clipped to ±0.5)
         log m ← log m + k·e + v
 
     Errors in log density weigh 50 % → 51 % like 99 % → 99.02 %. The gain
     ``k`` starts at ``gain``, shrinks by 0.7 whenever the error changes sign
-    and grows by 5 % while it keeps it: how strongly sparsity answers to the
-    strength differs by an order of magnitude between models and sparsity
-    levels. ``v`` follows the steady trend the strength must have to hold a
-    sparsity (in latent mode the accumulated step γ grows, so the multiplier
-    must fall like 1/γ); without it the controller lags behind that trend.
+    (down to ``gain/5``) and grows by 5 % while it keeps it: how strongly
+    sparsity answers to the strength differs by an order of magnitude between
+    models and sparsity levels. ``v`` follows the slow trend the strength must
+    have to hold a sparsity while training goes on (in latent mode the zeros
+    are those with ``|mean gradient| <= λ·m``, and that mean changes slowly);
+    without it the controller lags behind the trend. ``c`` is 0.99, or 0.5 when
+    the error disagrees with the trend (the trend overshot).
     Each term's :attr:`~sparsecraft.Term.scale` is its initial scale times
     ``m``; the prox uses step·scale, so a larger ``m`` makes more zeros.
     Before ``start_step`` the terms keep their initial strength; after
@@ -185,6 +187,8 @@ class TargetSparsity:
             raise ValueError(f"Expected gain > 0 (the integral part moves the strength). Received: gain={gain}")
         self.gain, self.drift = float(gain), float(drift)
 
+        self._optimizer = optimizer_or_regularizer if isinstance(optimizer_or_regularizer, ProximalOptimizer) \
+            else None
         self.terms = self._choose_terms(optimizer_or_regularizer, terms)
         self._base_scales = [t.scale for t in self.terms]
         self._params = list({id(t.target): t.target for t in self.terms}.values())
@@ -332,11 +336,14 @@ class TargetSparsity:
         # oscillates with period 2. The gain shrinks on every sign change of the error
         # and grows while the error keeps its sign (as Rprop adapts its steps).
         if error * self._last_error < 0:
-            self._gain = max(self._gain * 0.7, self.gain * 0.05)
+            self._gain = max(self._gain * 0.7, self.gain * 0.2)
         elif error * self._last_error > 0:
             self._gain = min(self._gain * 1.05, 1.0)
         k = self._gain
-        self._drift = min(max(0.99 * self._drift + self.drift * k * error, -0.5), 0.5)
+        # The trend is kept only while the error agrees with it: once it pushes past the
+        # target it halves (anti-windup), else it would hold the multiplier on a wrong course.
+        keep = 0.5 if error * self._drift < 0 else 0.99
+        self._drift = min(max(keep * self._drift + self.drift * k * error, -0.5), 0.5)
         log_scale = self._log_scale + k * error + self._drift
         clipped = min(max(log_scale, -_LOG_BOUND), _LOG_BOUND)
         saturated = clipped != log_scale and error > 0
@@ -371,59 +378,138 @@ class TargetSparsity:
         }
 
     # -- final selection ---------------------------------------------------------------
+    def _units(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """What is counted, per controlled tensor: magnitudes (elements) or group norms (groups)."""
+        if self.measure == "elements":
+            return [t.detach().abs().flatten() for t in tensors]
+        out = []
+        for term, t in zip(self.terms, tensors, strict=True):
+            lay = term.penalty.layout(t)
+            out.append(F.group_norms(t.detach(), lay.dim, lay.index, lay.n_groups))
+        return out
+
+    def _owners(self) -> list[Tensor]:
+        return self._params if self.measure == "elements" else [t.target for t in self.terms]
+
+    def _latent_view(self) -> list[tuple[Term, Tensor, float, float]] | None:
+        """(term, latent copy, accumulated step γ, group scale) per term in latent mode, else None."""
+        opt = self._optimizer
+        if opt is None or opt.mode != "latent":
+            return None
+        # ProximalOptimizer keeps the latent copies and γ privately; they are read, never written.
+        latent, gamma = opt._latent, opt._gamma
+        group_scale = {id(p): float(g.get("penalty_scale", 1.0)) for g in opt.param_groups for p in g["params"]}
+        view = []
+        for t in self.terms:
+            if t.target not in latent or gamma.get(t.target, 0.0) <= 0:
+                return None
+            view.append((t, latent[t.target], gamma[t.target], group_scale.get(id(t.target), 1.0)))
+        return view
+
+    def _latent_zeros(self, view, m: float) -> tuple[int, list[Tensor]]:
+        values = [term.penalty.prox(z, gamma * base * m * gs)
+                  for (term, z, gamma, gs), base in zip(view, self._base_scales, strict=True)]
+        return sum(int((u == 0).sum()) for u in self._units(values)), values
+
     @torch.no_grad()
     def finalize(self) -> dict[str, float]:
-        """Exact final selection: zero the smallest non-zeros so that sparsity equals ``target``.
+        """Exact final selection: make sparsity equal ``target`` (``round(target·numel)`` zeros).
 
-        With ``measure="elements"`` the ``round(target·numel) − zeros`` smallest
-        non-zero magnitudes over all controlled parameters are set to zero (one
-        global ranking); with ``"groups"`` the smallest-norm non-zero groups.
-        Above the target it changes nothing (zeros are not undone). Call it
-        once training is over: a later optimizer step in latent mode writes the
-        prox of the latent copy back into the parameters.
+        In latent mode it is the λ path itself: the strength multiplier ``m``
+        is solved (bisection in log space) so that ``prox(latent, γ·λ·m)`` has
+        exactly the wanted number of zeros, and the parameters are set to that
+        prox; this works both ways (zeros above the target come back from the
+        latent copy) and leaves the model what the prox optimizer would show at
+        that strength. Elsewhere (forward–backward mode), or for what ties
+        leave over, the smallest non-zero magnitudes over all controlled
+        parameters are set to zero (one global ranking; with
+        ``measure="groups"`` the smallest-norm groups); zeros above the target
+        are then left as they are. Call it once training is over.
 
         Returns:
-            ``{"before", "after", "target", "zeroed", "largest_zeroed", "excess"}``:
-            sparsity before and after, how many elements (or groups) were set
-            to zero, the largest magnitude (or group norm) removed, and how
-            many zeros above the target were left.
+            ``{"before", "after", "target", "zeroed", "revived", "largest_zeroed", "excess",
+            "scale_before", "scale_after", "latent"}``: sparsity before and
+            after, elements (or groups) set to zero and brought back, the
+            largest magnitude (or group norm) set to zero, zeros left above the
+            target, the multiplier before and after, and 1.0 if the latent
+            path was used.
         """
-        zeros, numel = self._measure().tolist()
+        owners = self._owners()
+        before_units = self._units(owners)
+        zero_before = [u == 0 for u in before_units]
+        numel = sum(u.numel() for u in before_units)
+        zeros = sum(int(z.sum()) for z in zero_before)
         wanted = round(self.target * numel)
-        before = zeros / numel
-        result = {"before": before, "after": before, "target": self.target, "zeroed": 0.0,
-                  "largest_zeroed": 0.0, "excess": float(max(zeros - wanted, 0))}
-        need = wanted - zeros
-        if need <= 0:
-            return result
-        if self.measure == "elements":
-            values = [p.detach().abs().flatten() for p in self._params]
-        else:
-            values = []
-            for t in self.terms:
-                lay = t.penalty.layout(t.target)
-                values.append(F.group_norms(t.target.detach(), lay.dim, lay.index, lay.n_groups))
+        scale_before = self.scale
+        result = {"before": zeros / numel, "target": self.target, "scale_before": scale_before, "latent": 0.0}
+        if zeros != wanted:
+            view = self._latent_view()
+            if view is not None:
+                zeros = self._finalize_latent(view, wanted)
+                result["latent"] = 1.0
+            if zeros < wanted:
+                self._cut_smallest(wanted - zeros)
+        after_units = self._units(owners)
+        zeroed = [(a == 0) & ~z for a, z in zip(after_units, zero_before, strict=True)]
+        revived = [(a != 0) & z for a, z in zip(after_units, zero_before, strict=True)]
+        removed = [b[m] for b, m in zip(before_units, zeroed, strict=True) if bool(m.any())]
+        zeros_after = sum(int((a == 0).sum()) for a in after_units)
+        result.update(after=zeros_after / numel, zeroed=float(sum(int(m.sum()) for m in zeroed)),
+                      revived=float(sum(int(m.sum()) for m in revived)),
+                      largest_zeroed=float(torch.cat(removed).max()) if removed else 0.0,
+                      excess=float(max(zeros_after - wanted, 0)), scale_after=self.scale)
+        return result
+
+    def _finalize_latent(self, view, wanted: int) -> int:
+        """Set the multiplier whose prox of the latent copies has ``wanted`` zeros (or the most below)."""
+        lo = hi = self._log_scale
+        count, _ = self._latent_zeros(view, math.exp(lo))
+        # Bracket: [lo, hi] with zeros(lo) < wanted <= zeros(hi); zeros grow with the multiplier.
+        step = 1.0
+        while count >= wanted and lo > self._log_scale - 2 * _LOG_BOUND:
+            lo -= step
+            step *= 2
+            count, _ = self._latent_zeros(view, math.exp(lo))
+        step = 1.0
+        count_hi, _ = self._latent_zeros(view, math.exp(hi))
+        while count_hi < wanted and hi < self._log_scale + 2 * _LOG_BOUND:
+            hi += step
+            step *= 2
+            count_hi, _ = self._latent_zeros(view, math.exp(hi))
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            c, _ = self._latent_zeros(view, math.exp(mid))
+            if c >= wanted:
+                hi, count_hi = mid, c
+            else:
+                lo = mid
+        chosen = hi if count_hi == wanted else lo  # a tie that jumps past wanted: stay below, cut the rest
+        count, values = self._latent_zeros(view, math.exp(chosen))
+        for (term, *_rest), v in zip(view, values, strict=True):
+            term.target.copy_(v)
+        self._log_scale = chosen
+        self._apply_scale()
+        return count
+
+    def _cut_smallest(self, need: int) -> None:
+        owners = self._owners()
+        values = self._units(owners)
         flat = torch.cat([v.float().to(values[0].device) for v in values])
         ranked = torch.where(flat == 0, torch.full_like(flat, math.inf), flat)
-        smallest = torch.topk(ranked, need, largest=False)
         drop = torch.zeros_like(flat, dtype=torch.bool)
-        drop[smallest.indices] = True
+        drop[torch.topk(ranked, need, largest=False).indices] = True
         offset = 0
-        owners = self._params if self.measure == "elements" else [t.target for t in self.terms]
-        for p, v, t in zip(owners, values, self.terms if self.measure == "groups" else owners, strict=True):
+        for i, (p, v) in enumerate(zip(owners, values, strict=True)):
             mask = drop[offset: offset + v.numel()].to(p.device)
             offset += v.numel()
             if self.measure == "elements":
                 p.masked_fill_(mask.view_as(p), 0.0)
             else:
-                lay = t.penalty.layout(p)
+                lay = self.terms[i].penalty.layout(p)
                 per_slice = mask[lay.index] if lay.index is not None else mask
                 view = [1] * p.ndim
                 view[lay.dim] = -1
                 p.masked_fill_(per_slice.view(view).expand_as(p), 0.0)
-        after = self.measured()
-        result.update(after=after, zeroed=float(need), largest_zeroed=float(smallest.values.max()))
-        return result
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
