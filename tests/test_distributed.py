@@ -101,8 +101,18 @@ def make_optimizer(model: nn.Module, reg: sc.Regularizer, kind: str) -> Proximal
     raise ValueError(kind)
 
 
+def make_controller(opt: ProximalOptimizer, measure: str):
+    """TargetSparsity on every zero-making prox term, or on the group terms counting groups."""
+    from sparsecraft.control import TargetSparsity
+
+    if measure == "groups":  # FSDP: groups split over shards
+        groups = [t for t in opt.regularizer.terms if t.where in ("0.weight", "2.weight", "4.weight")]
+        return TargetSparsity(opt, target=0.5, end_step=STEPS, every=1, terms=groups, measure="groups")
+    return TargetSparsity(opt, target=0.7, end_step=STEPS, every=1)
+
+
 def train(model: nn.Module, reg: sc.Regularizer, opt: ProximalOptimizer, *, rank: int, world: int,
-          uneven: bool = False) -> list[float]:
+          uneven: bool = False, ctrl=None) -> list[float]:
     """STEPS steps on this rank's part of each global batch; returns the global loss per step."""
     losses = []
     rows = split(rank, world, uneven)
@@ -117,6 +127,8 @@ def train(model: nn.Module, reg: sc.Regularizer, opt: ProximalOptimizer, *, rank
         loss = data + reg.loss()
         loss.backward()
         opt.step()
+        if ctrl is not None:
+            ctrl.step()
         value = loss.detach().clone()
         if world > 1:
             dist.all_reduce(value)
@@ -150,16 +162,19 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     results: dict[str, object] = {}
     try:
         for name, kind, uneven in [("ddp_sgd", "sgd", False), ("ddp_adam_uneven", "adam", True),
-                                   ("ddp_latent", "latent", False)]:
+                                   ("ddp_latent", "latent", False), ("ddp_target", "sgd", False)]:
             model = make_model()
             reg = ddp_regularizer(model, kind)  # on the plain module: names without "module."
             ddp = DDP(model)
             opt = make_optimizer(model, reg, kind)
-            losses = train(ddp, reg, opt, rank=rank, world=world, uneven=uneven)
-            results[name] = {"state": full_state(model), "losses": losses}
+            ctrl = make_controller(opt, "elements") if name.endswith("target") else None
+            losses = train(ddp, reg, opt, rank=rank, world=world, uneven=uneven, ctrl=ctrl)
+            results[name] = {"state": full_state(model), "losses": losses,
+                             "scales": [t.scale for t in reg.terms]}
 
         mesh = init_device_mesh("cpu", (world,))
-        for name, kind in [("fsdp_sgd", "sgd"), ("fsdp_adam", "adam"), ("fsdp_latent", "latent")]:
+        for name, kind in [("fsdp_sgd", "sgd"), ("fsdp_adam", "adam"), ("fsdp_latent", "latent"),
+                           ("fsdp_target_elements", "sgd"), ("fsdp_target_groups", "sgd")]:
             model = make_model()
             for layer in model:
                 if isinstance(layer, nn.Linear):
@@ -167,7 +182,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             fully_shard(model, mesh=mesh)
             reg = fsdp_regularizer(model, kind)  # after sharding: it must see the DTensor parameters
             opt = make_optimizer(model, reg, kind)
-            losses = train(model, reg, opt, rank=rank, world=world)
+            ctrl = make_controller(opt, name.split("_")[-1]) if "target" in name else None
+            losses = train(model, reg, opt, rank=rank, world=world, ctrl=ctrl)
             params = [p for p in model.parameters()]
             local = count_zeros(params, as_tensor=True)
             summed = scd.all_reduce_counts(local[0], local[1])
@@ -178,6 +194,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                 "all_reduce_counts": [int(summed[0]), int(summed[1])],
                 "count_zeros": scd.count_zeros(params).tolist(),
                 "reg_value": float(reg.value()),
+                "scales": [t.scale for t in reg.terms],
             }
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -210,11 +227,12 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def single(kind: str, regularizer, uneven: bool = False):
+def single(kind: str, regularizer, uneven: bool = False, target: str | None = None):
     model = make_model()
     reg = regularizer(model, kind)
     opt = make_optimizer(model, reg, kind)
-    losses = train(model, reg, opt, rank=0, world=1, uneven=uneven)
+    ctrl = make_controller(opt, target) if target else None
+    losses = train(model, reg, opt, rank=0, world=1, uneven=uneven, ctrl=ctrl)
     return model, reg, losses
 
 
@@ -247,6 +265,22 @@ def test_ddp_matches_one_process_on_the_global_batch(ranks, name, kind, uneven):
     zeros = want["0.weight"] == 0
     assert zeros.any()
     assert torch.equal(ranks[0][name]["state"]["0.weight"] == 0, zeros)
+
+
+@pytest.mark.parametrize("name,regularizer,measure", [
+    ("ddp_target", ddp_regularizer, "elements"),
+    ("fsdp_target_elements", fsdp_regularizer, "elements"),  # each rank counts its own shards
+    ("fsdp_target_groups", fsdp_regularizer, "groups"),  # groups span the shards
+])
+def test_target_sparsity_sets_the_same_strength_on_every_rank(ranks, name, regularizer, measure):
+    """The controller's counts are all-reduced: every rank, and one process, choose one λ."""
+    model, reg, losses = single("sgd", regularizer, target=measure)
+    scales = [t.scale for t in reg.terms]
+    assert ranks[0][name]["scales"] == ranks[1][name]["scales"]
+    assert ranks[0][name]["scales"] == pytest.approx(scales, rel=1e-5)
+    assert any(s != 1.0 for s in scales)  # the controller did move the strengths
+    want = {n: p.detach() for n, p in model.named_parameters()}
+    assert_close_states(ranks[0][name]["state"], want)
 
 
 def test_sync_activity_is_needed_for_sum_reduction_and_uneven_batches():
