@@ -74,6 +74,43 @@ def test_values_of_16bit_tensors_are_float32_and_finite(dtype):
         torch.testing.assert_close(got, pen(x.float()), rtol=1e-6, atol=0)
 
 
+def test_grad_scaler_steps_through_the_prox_optimizer_and_skips_inf_steps():
+    """GradScaler unscales the shared param_groups; a skipped step skips the prox too."""
+    model = small_model()
+    reg = sc.Regularizer(model)
+    reg.add_weight("0.weight", sc.L1(0.5))
+    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(16, 6)
+
+    def step(scale_loss: float) -> None:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().square().mean() * scale_loss + reg.loss()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    reference = small_model()
+    ref_reg = sc.Regularizer(reference)
+    ref_reg.add_weight("0.weight", sc.L1(0.5))
+    ref_opt = ProximalOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1), ref_reg)
+    for _ in range(3):
+        step(1.0)
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            ref_loss = reference(x).float().square().mean()
+        ref_loss.backward()
+        ref_opt.step()
+    # Unscaled gradients: the same weights as without the scaler (powers of two scale exactly).
+    torch.testing.assert_close(model[0].weight, reference[0].weight, rtol=1e-6, atol=1e-7)
+    assert (model[0].weight == 0).any()
+    before = model[0].weight.detach().clone()
+    step(float("inf"))  # overflow: the scaler skips the step, and the prox with it
+    assert torch.equal(model[0].weight, before)
+    assert scaler.get_scale() == 2.0**9
+
+
 # ----------------------------------------------------------------------------- prox in 16 bits
 
 
@@ -182,6 +219,17 @@ def test_compiled_training_step_with_regularizer_loss(fresh_dynamo):
     x = torch.randn(5, 6)
     torch.testing.assert_close(compiled_step(model, reg, x), step(eager_model, eager_reg, x),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_regularizer_loss_compiles_in_one_graph_without_the_finiteness_check(fresh_dynamo):
+    model = small_model()
+    reg = sc.Regularizer(model, check_finite=False)  # the check reads a value on the host
+    reg.add_activity("1", sc.L1(0.1))
+    reg.add_weight("2.weight", sc.GroupLasso(0.05, "columns"))
+    fn = torch.compile(lambda x: model(x).sum() + reg.loss(), backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 6)
+    got = fn(x)
+    torch.testing.assert_close(got, model(x).sum() + reg.loss(), rtol=1e-6, atol=1e-7)
 
 
 def test_terms_added_after_compiling_are_refused_then_work_after_reset(fresh_dynamo):
