@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock  # a dependency of torch
 from torch import nn
 
 import sparsecraft as sc
@@ -222,8 +223,19 @@ def spawn(fn, out: str, timeout: float = 170.0) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist")
-    spawn(worker, str(out))
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # one pytest process
+        out = tmp_path_factory.mktemp("dist")
+        spawn(worker, str(out))
+    else:
+        # pytest-xdist: the first worker to get here starts the ranks, the others wait
+        # for its files (starting 2 more processes per worker would double the cost).
+        out = tmp_path_factory.getbasetemp().parent / f"sparsecraft-dist-{run_id}"
+        out.mkdir(exist_ok=True)
+        with FileLock(str(out / "lock")):
+            if not (out / "done").exists():
+                spawn(worker, str(out))
+                (out / "done").touch()
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
