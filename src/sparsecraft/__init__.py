@@ -7,7 +7,7 @@ the loss or, for exact zeros, by a :class:`ProximalOptimizer`.
 
 from __future__ import annotations
 
-from . import datasets, functional, metrics, penalties
+from . import datasets, distributed, functional, metrics, penalties
 from .metrics import ActivationMonitor, SparsityReport, sparsity
 from .optim import ProximalOptimizer, register_step_rule, threshold
 from .penalties import (
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "datasets",
+    "distributed",
     "metrics",
     "ProximalOptimizer",
     "register_step_rule",
