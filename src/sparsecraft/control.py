@@ -96,8 +96,8 @@ class TargetSparsity:
     (down to ``gain/5``) and grows by 5 % while it keeps it: how strongly
     sparsity answers to the strength differs by an order of magnitude between
     models and sparsity levels. ``v`` follows the slow trend the strength must
-    have to hold a sparsity while training goes on (in latent mode the zeros
-    are those with ``|mean gradient| <= λ·m``, and that mean changes slowly);
+    have to hold a sparsity while training goes on (in latent mode a weight is
+    zero roughly while its mean gradient is below ``λ·m``, and that mean drifts);
     without it the controller lags behind the trend. ``c`` is 0.99, or 0.5 when
     the error disagrees with the trend (the trend overshot).
     Each term's :attr:`~sparsecraft.Term.scale` is its initial scale times
@@ -415,16 +415,17 @@ class TargetSparsity:
     def finalize(self) -> dict[str, float]:
         """Exact final selection: make sparsity equal ``target`` (``round(target·numel)`` zeros).
 
-        In latent mode it is the λ path itself: the strength multiplier ``m``
-        is solved (bisection in log space) so that ``prox(latent, γ·λ·m)`` has
-        exactly the wanted number of zeros, and the parameters are set to that
-        prox; this works both ways (zeros above the target come back from the
-        latent copy) and leaves the model what the prox optimizer would show at
-        that strength. Elsewhere (forward–backward mode), or for what ties
-        leave over, the smallest non-zero magnitudes over all controlled
-        parameters are set to zero (one global ranking; with
-        ``measure="groups"`` the smallest-norm groups); zeros above the target
-        are then left as they are. Call it once training is over.
+        In latent mode (a controller built on the ProximalOptimizer) it is the
+        λ path itself: the strength multiplier ``m`` is solved (bisection in
+        log space) so that ``prox(latent, γ·λ·m)`` has exactly the wanted
+        number of zeros, and the parameters are set to that prox; this works
+        both ways (zeros above the target come back from the latent copy) and
+        leaves the model what the prox optimizer would show at that strength.
+        Elsewhere (forward–backward mode), or for what ties leave over, the
+        smallest non-zero magnitudes over all controlled parameters are set to
+        zero (one global ranking; with ``measure="groups"`` the smallest-norm
+        groups); zeros above the target are then left as they are. Call it
+        once training is over.
 
         Returns:
             ``{"before", "after", "target", "zeroed", "revived", "largest_zeroed", "excess",

@@ -1,0 +1,202 @@
+"""TargetSparsity: does one training run land on the requested sparsity, and at what accuracy?
+
+Digits MLP (64-256-256-10), 60 epochs, batch 64, SGD momentum 0.9, lr 0.05,
+L1 on the weight matrices applied by ``ProximalOptimizer``, its strength
+steered by ``TargetSparsity`` (cubic ramp from 0 over the first 2/3 of the
+steps, then held; initial λ = 1e-2), through ``experiments.run_target``:
+
+* targets 0.50, 0.80, 0.90, 0.95, 0.98, 0.99 × seeds 0, 1, 2 in latent mode:
+  the sparsity the controller reached (before the exact final selection), the
+  one after ``finalize()``, and test accuracy; dense SGD with the same seeds.
+* latent vs forward–backward prox at 0.99 (3 seeds), and forward–backward at
+  every target (seed 0): how close each mode lands.
+* group lasso (rows of the two hidden layers) with ``measure="groups"``.
+* teacher–student: the student (same shape as the teacher) with target =
+  teacher's sparsity; F1 of its non-zero pattern (``experiments.pattern_f1``),
+  as the controller left it and after ``finalize()``.
+* a regularization path (``control.path``, 8 strengths, warm starts, 20
+  epochs each) for the Pareto figure.
+
+Writes ``benchmarks/results/control.json`` and ``control_*.png`` (``--quick``:
+``control_quick.*``, a smoke test of the script, not a measurement). Run
+``python benchmarks/control.py [--quick]`` or ``sparsecraft bench --suite control``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsecraft import datasets, experiments, report
+from sparsecraft.control import TargetSparsity, path
+from sparsecraft.optim import ProximalOptimizer
+from sparsecraft.penalties import GroupLasso
+from sparsecraft.regularizer import Regularizer
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "control.json"
+
+FULL = {"targets": (0.5, 0.8, 0.9, 0.95, 0.98, 0.99), "seeds": (0, 1, 2), "epochs": 60,
+        "path": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 5e-2, 8e-2, 1.2e-1), "path_epochs": 20,
+        "teachers": ({"name": "linear regression", "hidden": (), "task": "regression", "n_train": 8192,
+                      "epochs": 20},
+                     {"name": "linear classification", "hidden": (), "task": "classification",
+                      "n_train": 32768, "epochs": 30},
+                     {"name": "64-16-4 regression, 20 %", "hidden": (16,), "task": "regression",
+                      "n_out": 4, "density": 0.2, "n_train": 8192, "epochs": 60},
+                     {"name": "64-32-10 regression", "hidden": (32,), "task": "regression",
+                      "n_train": 16384, "epochs": 60})}
+QUICK = {"targets": (0.9, 0.99), "seeds": (0,), "epochs": 6, "path": (1e-2, 5e-2), "path_epochs": 2,
+         "teachers": ({"name": "linear regression", "hidden": (), "task": "regression", "n_train": 2048,
+                       "epochs": 6},)}
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs)
+
+
+def _target_runs(data, cfg, mode: str, targets, seeds) -> list[dict[str, Any]]:
+    rows = []
+    for target in targets:
+        for seed in seeds:
+            r = experiments.run_target(data, target, epochs=cfg["epochs"], mode=mode, seed=seed)
+            rows.append({"target": target, "seed": seed, "mode": mode,
+                         "sparsity_controller": r.details["sparsity_before_finalize"],
+                         "accuracy_controller": r.details["accuracy_before_finalize"],
+                         "sparsity_final": r.sparsity, "accuracy_final": r.accuracy,
+                         "finalize_zeroed": r.details.get("finalize_zeroed", 0.0),
+                         "final_scale": r.details["final_scale"], "seconds": r.seconds,
+                         "_result": r})
+    return rows
+
+
+def _groups_run(data, epochs: int, target: float = 0.5) -> dict[str, Any]:
+    model = experiments.build_model(data, (256, 256), 0)
+    reg = Regularizer(model)
+    reg.add_weight("[02].weight", GroupLasso(1e-3, groups="rows"))
+    opt = ProximalOptimizer(experiments.make_optimizer("sgd", model.parameters()), reg, mode="latent")
+    n = epochs * experiments.steps_per_epoch(data)
+    ctrl = TargetSparsity(opt, target=target, end_step=2 * n // 3, measure="groups")
+    experiments.train(model, data, opt, epochs=epochs, regularizer=reg, controller=ctrl)
+    rows = torch.cat([(model[i].weight == 0).all(dim=1) for i in (0, 2)])
+    return {"target": target, "groups": rows.numel(), "zero_groups": int(rows.sum()),
+            "group_sparsity": ctrl.measured(), "accuracy": experiments.evaluate(model, data),
+            "element_sparsity_of_those_layers": float((torch.cat([model[0].weight.flatten(),
+                                                                  model[2].weight.flatten()]) == 0)
+                                                      .float().mean())}
+
+
+def _teacher_run(spec: dict[str, Any]) -> dict[str, Any]:
+    kw = {k: spec[k] for k in ("hidden", "task", "n_train", "n_out", "density") if k in spec}
+    data = datasets.teacher_student(**kw, seed=0)
+    target = 1 - data.meta["density"]
+    model = experiments.build_model(data, tuple(spec["hidden"]), 0)
+    reg = Regularizer(model)
+    reg.add_weight((nn.Linear, "weight"), "l1:1e-3")
+    opt = ProximalOptimizer(experiments.make_optimizer("sgd", model.parameters()), reg, mode="latent")
+    n = spec["epochs"] * experiments.steps_per_epoch(data)
+    ctrl = TargetSparsity(opt, target=target, end_step=2 * n // 3)
+    experiments.train(model, data, opt, epochs=spec["epochs"], regularizer=reg, controller=ctrl)
+    f1 = experiments.pattern_f1(model, data)
+    row = {"teacher": spec["name"], "target": target, "sparsity": ctrl.measured(),
+           "metric": experiments.evaluate(model, data), **{f"pattern_{k}": v for k, v in f1.items()}}
+    fin = ctrl.finalize()
+    row.update(sparsity_after_finalize=fin["after"], metric_after_finalize=experiments.evaluate(model, data),
+               pattern_f1_after_finalize=experiments.pattern_f1(model, data)["f1"])
+    return row
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    cfg = QUICK if quick else FULL
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    data = datasets.digits()
+    out: dict[str, Any] = {"suite": "control", "quick": quick,
+                           "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                       "python": platform.python_version(), "threads": 1},
+                           "settings": {k: v for k, v in cfg.items() if k != "teachers"}}
+
+    dense = [experiments.run_dense(data, epochs=cfg["epochs"], seed=s) for s in cfg["seeds"]]
+    dense_acc = _mean([d.accuracy for d in dense])
+    out["dense"] = {"accuracy_per_seed": [d.accuracy for d in dense], "accuracy_mean": dense_acc}
+
+    latent = _target_runs(data, cfg, "latent", cfg["targets"], cfg["seeds"])
+    top = max(cfg["targets"])
+    fb_top = _target_runs(data, cfg, "forward_backward", (top,), cfg["seeds"])
+    fb_rest = _target_runs(data, cfg, "forward_backward", [t for t in cfg["targets"] if t != top], (0,))
+
+    summary = []
+    for mode, rows in (("latent", latent), ("forward_backward", fb_top + fb_rest)):
+        for target in cfg["targets"]:
+            sel = [r for r in rows if r["target"] == target]
+            if not sel:
+                continue
+            summary.append({
+                "mode": mode, "target_%": 100 * target, "seeds": len(sel),
+                "controller_sparsity_%": 100 * _mean([r["sparsity_controller"] for r in sel]),
+                "worst_|miss|_points": 100 * max(abs(r["sparsity_controller"] - target) for r in sel),
+                "final_sparsity_%": 100 * _mean([r["sparsity_final"] for r in sel]),
+                "accuracy_%": 100 * _mean([r["accuracy_final"] for r in sel]),
+                "vs_dense_points": 100 * (_mean([r["accuracy_final"] for r in sel]) - dense_acc),
+            })
+    out["summary"] = summary
+    out["runs"] = [{k: v for k, v in r.items() if k != "_result"} for r in latent + fb_top + fb_rest]
+    at_top = [r for r in latent if r["target"] == top]
+    out["acceptance"] = {
+        "all_latent_within_0.1_point_before_finalize": all(
+            abs(r["sparsity_controller"] - r["target"]) <= 1e-3 for r in latent),
+        f"accuracy_at_{top}_mean": _mean([r["accuracy_final"] for r in at_top]),
+        f"accuracy_at_{top}_vs_dense_points": 100 * (_mean([r["accuracy_final"] for r in at_top]) - dense_acc),
+        "peer_torchao_pat_at_0.99": {"accuracy": 0.9769, "dense": 0.9759, "source": "issue text"},
+    }
+
+    out["groups"] = _groups_run(data, cfg["epochs"])
+    out["teacher_student"] = [_teacher_run(spec) for spec in cfg["teachers"]]
+
+    def make():
+        return experiments.build_model(data, (256, 256), 0)
+
+    p = path(make, data, cfg["path"], epochs=cfg["path_epochs"])
+    out["path"] = p.to_dict()
+
+    figures = HERE / "results"
+    stem = "control_quick" if quick else "control"
+    best = at_top[0]["_result"]
+    out["figures"] = [
+        report.plot_training(best.artifacts["controller_history"], figures / f"{stem}_training.png",
+                             title=f"TargetSparsity {top:g}, digits MLP, seed 0 (latent prox, SGD)"),
+        report.plot_pareto({"TargetSparsity (latent)": [(r["sparsity_final"], r["accuracy_final"])
+                                                        for r in latent],
+                            "TargetSparsity (forward-backward)": [(r["sparsity_final"], r["accuracy_final"])
+                                                                  for r in fb_top + fb_rest],
+                            f"λ path (warm starts, {cfg['path_epochs']} epochs each)": p.curve()},
+                           figures / f"{stem}_pareto.png", dense_accuracy=dense_acc,
+                           title="digits MLP: accuracy vs exact-zero sparsity"),
+        report.plot_layer_density(best.model, figures / f"{stem}_density.png",
+                                  title=f"non-zeros per parameter at target {top:g}"),
+        report.plot_magnitudes(best.model, figures / f"{stem}_magnitudes.png"),
+        report.plot_mask(best.model[2].weight, figures / f"{stem}_mask.png", "2.weight"),
+    ]
+    out["figures"] = [os.path.relpath(f, HERE.parent) for f in out["figures"]]
+    out["seconds"] = time.perf_counter() - t_all
+    target = RESULTS.with_name("control_quick.json") if quick else RESULTS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    res = run(quick=parser.parse_args().quick)
+    print(json.dumps({"summary": res["summary"], "acceptance": res["acceptance"],
+                      "groups": res["groups"], "teacher_student": res["teacher_student"]}, indent=1))
