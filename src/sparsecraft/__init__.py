@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import datasets, distributed, functional, metrics, penalties
 from .metrics import ActivationMonitor, SparsityReport, sparsity
+from .control import TargetSparsity, path
 from .optim import ProximalOptimizer, register_step_rule, threshold
 from .penalties import (
     L0,
@@ -32,6 +33,8 @@ __all__ = [
     "distributed",
     "metrics",
     "ProximalOptimizer",
+    "TargetSparsity",
+    "path",
     "register_step_rule",
     "threshold",
     "sparsity",
