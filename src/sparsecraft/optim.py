@@ -145,9 +145,9 @@ class ProximalOptimizer(torch.optim.Optimizer):
             weight, then its neighbours (REFERENCES.md; ProxGen, Yun et al.
             2021). Each coordinate's ``sqrt(v)`` (the optimizer's raw second
             moment, before bias correction) is raised to at least ``floor``
-            times the largest mean ``sqrt(v)`` the tensor has had, so its prox
-            step is at most about ``1/floor`` times a typical one. 0 disables
-            the guard. It does not prevent the collapse of Adam's
+            times the largest mean ``sqrt(v)`` the tensor has had (the mean is
+            taken every ``FLOOR_REFRESH`` = 10 steps), so its prox step is at
+            most about ``1/floor`` times a typical one. 0 disables the guard. It does not prevent the collapse of Adam's
             forward–backward prox at a large ``λ`` (docs/optim.md).
         fused: opt in to one compiled kernel (``torch.compile``) for the prox
             of L1, L2 and L1L2 terms under Adam/AdamW, Adagrad and RMSprop: it
@@ -211,6 +211,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
         self._latent: dict[Tensor, Tensor] = {}
         self._gamma: dict[Tensor, float] = {}
         self._typical: dict[Tensor, Tensor] = {}
+        self._floor_steps: dict[Tensor, int] = {}
         if mode == "latent":
             with torch.no_grad():
                 for p in self._terms:
@@ -322,13 +323,15 @@ class ProximalOptimizer(torch.optim.Optimizer):
             _apply_prox(pen, p, step * scale)
             return
         if self.floor > 0:
-            # The floor is anchored to the largest typical sqrt(v) seen so far:
-            # when a whole layer's gradients fade, its thresholds cannot grow
-            # without bound (the cascade behind the Adam-prox collapse).
-            typical = _dist.mean(ws, p) if sharded else ws.mean()
+            # The floor is anchored to the largest typical sqrt(v) seen so far: when a
+            # whole layer's gradients fade, its thresholds cannot grow without bound.
+            # The mean is refreshed every FLOOR_REFRESH steps: it moves slowly, and
+            # skipping it saves a pass over v.
             ref = self._typical.get(p)
-            ref = typical if ref is None else torch.maximum(ref, typical)
-            self._typical[p] = ref
+            if self._refresh(p) or ref is None:
+                typical = _dist.mean(ws, p) if sharded else ws.mean()
+                ref = typical if ref is None else torch.maximum(ref, typical)
+                self._typical[p] = ref
             ws.clamp_(min=ref * self.floor)
         ws.add_(step.eps / step.scale)
         coef = step.lr * scale / step.scale
@@ -358,15 +361,18 @@ class ProximalOptimizer(torch.optim.Optimizer):
         l1 = pen.l1 if isinstance(pen, (L1, L1L2)) else 0.0
         l2 = pen.l2 if isinstance(pen, (L2, L1L2)) else 0.0
         dtype = _step_dtype(p.dtype)
-        scalars = torch.tensor([step.lr * scale / step.scale, step.eps / step.scale, self.floor, l1, l2],
+        coef = step.lr * scale / step.scale
+        scalars = torch.tensor([coef * l1, step.eps / step.scale, self.floor, 2.0 * l2 * coef],
                                dtype=dtype, device=p.device)
+        moment = step.moment.view(-1)
+        centered = None if step.centered is None else step.centered.view(-1)
         ref = self._typical.get(p)
         if ref is None:
             ref = torch.zeros((), dtype=dtype, device=p.device)  # mean sqrt(v) >= 0: max(0, mean) = mean
+        refresh = self.floor > 0 and self._refresh(p, peek=True)
         try:
-            new_ref = _compiled_kernel()(
-                p.view(-1), step.moment.view(-1),
-                None if step.centered is None else step.centered.view(-1), ref, scalars, self.floor > 0)
+            new_ref = _compiled_kernel()(p.view(-1), moment, centered, ref, scalars, self.floor > 0,
+                                         refresh, l2 > 0)
         except Exception as err:  # noqa: BLE001 - any compiler failure: warn once, run unfused
             self.fused = False
             warnings.warn(f"ProximalOptimizer(fused=True) could not compile its kernel ({type(err).__name__}: "
@@ -374,8 +380,16 @@ class ProximalOptimizer(torch.optim.Optimizer):
                           stacklevel=3)
             return False
         if self.floor > 0:
+            self._refresh(p)
             self._typical[p] = new_ref
         return True
+
+    def _refresh(self, p: Tensor, peek: bool = False) -> bool:
+        """Whether this step takes a fresh mean for the floor (counts the step unless ``peek``)."""
+        n = self._floor_steps.get(p, 0)
+        if not peek:
+            self._floor_steps[p] = n + 1
+        return n % FLOOR_REFRESH == 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -395,6 +409,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
                 "latent": {index[p]: z.clone() for p, z in self._latent.items()},
                 "gamma": {index[p]: g for p, g in self._gamma.items()},
                 "typical": {index[p]: t.clone() for p, t in self._typical.items()},
+                "floor_steps": {index[p]: n for p, n in self._floor_steps.items()},
             },
         }
 
@@ -418,6 +433,7 @@ class ProximalOptimizer(torch.optim.Optimizer):
         for i, g in prox["gamma"].items():
             self._gamma[params[int(i)]] = float(g)
         self._typical = {params[int(i)]: t.clone() for i, t in prox.get("typical", {}).items()}
+        self._floor_steps = {params[int(i)]: int(n) for i, n in prox.get("floor_steps", {}).items()}
 
     def __repr__(self) -> str:
         return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "
@@ -425,29 +441,37 @@ class ProximalOptimizer(torch.optim.Optimizer):
 
 
 _FUSABLE = (L1, L2, L1L2)
+FLOOR_REFRESH = 10  # steps between two means of sqrt(v) for the floor's reference
 _KERNEL: Callable[..., Tensor] | None = None
 
 
 def _adaptive_prox_kernel(x: Tensor, moment: Tensor, centered: Tensor | None, ref: Tensor,
-                          scalars: Tensor, use_floor: bool) -> Tensor:
+                          scalars: Tensor, use_floor: bool, refresh: bool, has_l2: bool) -> Tensor:
     """``x ← soft_threshold(x, l1·t) / (1 + 2·l2·t)``, ``t = coef / (max(sqrt(v), floor·ref) + eps)``.
 
     The same arithmetic as the unfused path (``ProximalOptimizer._prox``), written
-    for ``torch.compile`` to fuse into one reduction (the floor's mean) and one
-    elementwise pass. Scalars travel as a tensor so that a changing ``lr`` or
-    bias correction does not recompile. Returns the floor's new reference.
+    for ``torch.compile`` to fuse into one pass that reads ``v`` and ``x`` and
+    writes ``x`` (plus a pass for the floor's mean on ``refresh`` steps).
+    Scalars travel as a tensor (``[coef·l1, eps, floor, 2·l2·coef]``) so that
+    a changing ``lr`` or bias correction does not recompile. Returns the
+    floor's reference.
     """
-    coef, eps, floor, l1, l2 = scalars.unbind()
+    coef_l1, eps, floor, two_l2_coef = scalars.unbind()
     v = moment if centered is None else torch.addcmul(moment, centered, centered, value=-1)
     root = torch.sqrt(v.to(scalars.dtype))
+    new_ref = ref
     if use_floor:
-        ref = torch.maximum(ref, root.mean())
-        root = torch.maximum(root, ref * floor)
-    t = coef / (root + eps)
-    tau = t * l1
+        if refresh:
+            new_ref = torch.maximum(ref, root.mean())
+        root = torch.maximum(root, new_ref * floor)
+    denom = root + eps
+    tau = coef_l1 / denom
     xs = x.to(scalars.dtype)
-    x.copy_((xs - torch.clamp(xs, -tau, tau)) / (1 + 2 * l2 * t))
-    return ref
+    out = xs - torch.clamp(xs, -tau, tau)
+    if has_l2:
+        out = out / (1 + two_l2_coef / denom)
+    x.copy_(out)
+    return new_ref
 
 
 def _compiled_kernel() -> Callable[..., Tensor]:
