@@ -58,16 +58,18 @@ def reference_case(seed: int = 0) -> dict[str, Any]:
 
 
 def demo_plan(quick: bool = False) -> list[tuple[str, dict[str, Any]]]:
-    """The five methods of the demo with the settings the weights benchmark found good on digits.
+    """The five methods of the demo, each at the setting the weights benchmark found best.
 
+    Best means the highest sparsity within 1 point of dense accuracy on digits,
+    mean of 3 seeds (docs/benchmarks.md); the demo trains seed 0 only.
     ``quick`` uses a tiny network so that the whole demo runs in seconds.
     """
     plan: list[tuple[str, dict[str, Any]]] = [
         ("dense", {}),
-        ("l1_loss", {"lam": 1e-3, "tol": 1e-2}),
-        ("magnitude", {"sparsity": 0.95, "finetune_epochs": 10}),
-        ("gradual", {"sparsity": 0.98}),
-        ("target", {"target": 0.99}),
+        ("l1_loss", {"lam": 1e-3, "tol": 0.08}),
+        ("magnitude", {"sparsity": 0.95, "finetune_epochs": 20}),
+        ("gradual", {"sparsity": 0.995}),
+        ("target", {"target": 0.997}),
     ]
     if quick:
         plan = [
