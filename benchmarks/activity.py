@@ -15,8 +15,8 @@ decoder column), mean L0 of the code, fraction of variance unexplained (FVU)
 and dead latents, on the test split. The reported row per kind is the
 setting with the most features recovered (then the lowest FVU).
 
-Writes ``benchmarks/results/activity.json``. Run ``python benchmarks/activity.py
-[--quick]`` or ``sparsecraft bench --suite activity``.
+Writes ``benchmarks/results/activity.json`` (not with ``--quick``). Run
+``python benchmarks/activity.py [--quick]`` or ``sparsecraft bench --suite activity``.
 """
 
 from __future__ import annotations
@@ -143,8 +143,9 @@ def run(quick: bool = False) -> dict:
         "runs": runs,
         "seconds": time.perf_counter() - t0,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    if not quick:  # a smoke run never replaces the results of a real one
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
     return out
 
 

@@ -15,7 +15,7 @@ against the teacher's is measured (see ``experiments.pattern_f1``): the
 sparsity knobs are set to the teacher's sparsity, the λ knobs swept (best
 mean F1 over 3 seeds reported).
 
-Writes ``benchmarks/results/weights.json`` and ``weights_pareto.png``.
+Writes ``benchmarks/results/weights.json`` and ``weights_pareto.png`` (not with ``--quick``).
 Run ``python benchmarks/weights.py [--quick]`` or ``sparsecraft bench --suite weights``.
 """
 
@@ -241,7 +241,8 @@ def run(quick: bool = False) -> dict:
                 "teacher_f1": tb.get("pattern_f1", None),
             }
         )
-    _figure(summary, dense["accuracy"], FIGURE)
+    if not quick:
+        _figure(summary, dense["accuracy"], FIGURE)
     out = {
         "suite": "weights",
         "quick": quick,
@@ -262,8 +263,9 @@ def run(quick: bool = False) -> dict:
         "figure": str(FIGURE.relative_to(HERE.parent)),
         "seconds": time.perf_counter() - t0,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    if not quick:  # a smoke run never replaces the results of a real one
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
     return out
 
 

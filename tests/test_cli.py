@@ -204,7 +204,10 @@ def test_bench_dispatches_to_a_suite_file(tmp_path, capsys):
         "    return {'summary': [{'method': 'toy', 'quick': quick, 'value': 0.5}]}\n"
     )
     assert cli.main(["bench", "--suite", "weights", "--quick", "--dir", str(folder)]) == 0
+    assert "| toy | True | 0.5 |" not in capsys.readouterr().out  # rich table, not markdown
+    assert not (folder / "results").exists()  # a quick run writes no summary
+    assert cli.main(["bench", "--suite", "weights", "--dir", str(folder)]) == 0
     table = (folder / "results" / "weights.md").read_text()
-    assert "| method | quick | value |" in table and "| toy | True | 0.5 |" in table
+    assert "| method | quick | value |" in table and "| toy | False | 0.5 |" in table
     assert cli.main(["bench", "--suite", "activity", "--dir", str(folder)]) == 2
     assert "activity.py" in capsys.readouterr().err
