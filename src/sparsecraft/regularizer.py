@@ -15,152 +15,17 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed as _dist
 from . import penalties as _penalties
-from ._table import rich_table, text_table
-from .penalties import Penalty
+from ._term import Explanation, Term, _tensors
 
 __all__ = ["Regularizer", "Term", "Explanation", "regularize"]
 
 _REDUCTIONS = ("batch", "sum", "mean")
-
-
-@dataclass(eq=False)
-class Term:
-    """One penalty bound to one place.
-
-    Attributes:
-        kind: ``"weight"``, ``"activity"`` or ``"tensor"``.
-        where: the parameter or module name (``"tensor"`` for raw tensors).
-        penalty: the :class:`~sparsecraft.penalties.Penalty`.
-        target: the parameter, module or tensor it applies to.
-        reduction: activity terms only: ``"batch"`` (divide by the batch size,
-            Keras ≥ 3.14 and tf.keras), ``"sum"`` (Keras 3.0–3.13) or ``"mean"``
-            (divide by the number of elements).
-        scale: a multiplier on the penalty (``scale·R``); :class:`~sparsecraft.TargetSparsity`
-            adjusts it. Prox steps use ``scale·t``, since ``prox_{t·(cR)} = prox_{(ct)·R}``.
-        prox: True while a :class:`~sparsecraft.ProximalOptimizer` applies this
-            term by prox; it then stays out of :meth:`Regularizer.loss`.
-    """
-
-    kind: str
-    where: str
-    penalty: Penalty
-    target: Any
-    reduction: str = "batch"
-    scale: float = 1.0
-    prox: bool = False
-    captured: list[Tensor] = field(default_factory=list, repr=False)
-    last_batch: int | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.where}"
-
-    @property
-    def shape(self) -> tuple[int, ...] | None:
-        if self.kind == "activity":
-            return None
-        return tuple(self.target.shape)
-
-    def current(self) -> Tensor:
-        """The term's differentiable value now (weight and tensor terms are recomputed)."""
-        if self.kind == "activity":
-            if not self.captured:
-                return torch.zeros(())
-            total = self.captured[0]
-            for v in self.captured[1:]:
-                total = total + v
-            return self.scale * total
-        # A sharded (FSDP2) parameter is summed over shards or gathered: see distributed.py.
-        return self.scale * _dist.penalty_value(self.penalty, self.target)
-
-    def _capture(self, out: Tensor) -> None:
-        if not isinstance(out, Tensor) or not out.is_floating_point():
-            return
-        if out.ndim == 0:
-            # Keras does not divide scalar outputs by a batch size.
-            self.captured.append(self.penalty(out))
-            return
-        batch = out.shape[0]
-        self.last_batch = batch
-        if batch == 0:
-            # An empty batch gives 0, never 0/0 (tf.keras divide_no_nan, Keras >= 3.14).
-            self.captured.append(out.sum() * 0.0)
-            return
-        v = self.penalty(out)
-        if self.reduction == "batch":
-            v = v / batch
-        elif self.reduction == "mean":
-            v = v / out.numel()
-        self.captured.append(v)
-
-    def symbol(self) -> str:
-        if self.kind == "weight":
-            return "b" if self.where.split(".")[-1] == "bias" else "W"
-        return "out" if self.kind == "activity" else "x"
-
-    def formula(self) -> str:
-        f = self.penalty.formula(self.symbol())
-        if self.kind == "activity":
-            if self.reduction == "batch":
-                f = f"{f} / {self.last_batch if self.last_batch is not None else 'batch'}"
-            elif self.reduction == "mean":
-                f = f"{f} / numel"
-            n = len(self.captured)
-            if n > 1:
-                f = f"Σ over {n} calls: {f}"
-        if self.scale != 1.0:
-            f = f"{self.scale:.4g} × ({f})"
-        return f
-
-
-def _tensors(output: Any) -> Iterator[Tensor]:
-    """Every tensor in a module output, as Keras flattens it (tuples, lists, dicts)."""
-    if isinstance(output, Tensor):
-        yield output
-    elif isinstance(output, (tuple, list)):
-        for o in output:
-            yield from _tensors(o)
-    elif isinstance(output, dict):
-        for o in output.values():
-            yield from _tensors(o)
-
-
-class Explanation:
-    """What a regularizer computes, term by term: ``str()`` for text, rich for terminals."""
-
-    headers = ("term", "where", "shape", "formula", "mode", "value")
-
-    def __init__(self, rows: list[dict[str, Any]], total: float):
-        self.rows = rows
-        self.total = total
-
-    def _cells(self) -> list[list[str]]:
-        return [
-            [r["term"], r["where"], "-" if r["shape"] is None else str(tuple(r["shape"])), r["formula"],
-             r["mode"], f"{r['value']:.6g}"]
-            for r in self.rows
-        ]
-
-    def _footer(self) -> list[str]:
-        return ["total", "", "", "", "", f"{self.total:.6g}"]
-
-    def __str__(self) -> str:
-        return text_table(self.headers, self._cells(), self._footer())
-
-    def __rich__(self):
-        return rich_table("sparsecraft: regularization terms", self.headers, self._cells(), self._footer())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"terms": self.rows, "total": self.total}
 
 
 class Regularizer:
