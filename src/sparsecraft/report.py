@@ -226,6 +226,8 @@ def _magnitude_figure(model: Any, params: Sequence[str] | None, bins: int, title
     ax0.set_xticklabels(["= 0"])
     ax0.set_xlim(-0.6, 0.6)
     ax0.set_ylabel("exact zeros")
+    # Counts start at 0; with no zeros at all matplotlib would centre the axis on 0.
+    ax0.set_ylim(0, max(zeros, 1) * 1.15)
     ax0.annotate(f"{zeros:,}", (0, zeros), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                  textcoords="offset points")
     if nonzero.numel():
