@@ -1,0 +1,125 @@
+"""``sparsecraft train``: train one model with a penalty and/or a target; save it with a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ._present import RunProgress, _console, _markdown_table, _pct, _print_table
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import datasets, experiments
+
+    console = _console()
+    data = datasets.load(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunProgress() as progress:
+        progress.start(f"train {args.data}", args.seed, args.epochs)
+        r = experiments.run_spec(
+            data,
+            model=args.model,
+            hidden=args.hidden,
+            penalty=args.penalty,
+            activity=args.activity,
+            target=args.target,
+            apply=args.apply,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            mode=args.mode,
+            epochs=args.epochs,
+            seed=args.seed,
+            on_epoch=progress.epoch,
+        )
+    if r.explanation is not None and r.explanation.rows:
+        console.print(r.explanation)
+    metric = "test accuracy" if data.task == "classification" else "test MSE"
+    value = _pct(r.accuracy) if data.task == "classification" else f"{-r.accuracy:.5g}"
+    rows = [
+        [metric, value],
+        ["exact zeros (weights)", _pct(r.sparsity)],
+        ["non-zero params", f"{r.nonzero:,}"],
+        ["wall time", f"{r.seconds:.1f} s"],
+    ]
+    for key in ("autoencoder", "pattern"):
+        for k, v in r.details.get(key, {}).items():
+            rows.append([f"{key} {k}", f"{v:.4g}"])
+    _print_table(console, f"sparsecraft train --data {args.data}", ["", "value"], rows)
+
+    torch.save(r.model.state_dict(), out / "model.pt")
+    saved = ["model.pt"]
+    try:
+        from ..export import save
+    except ImportError:
+        save = None
+    if save is not None:
+        save(r.model, out / "model.safetensors")
+        saved.append("model.safetensors")
+    metrics = {
+        **r.row(),
+        "history": r.history,
+        "explanation": r.explanation.to_dict() if r.explanation is not None else None,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable) + "\n")
+    _write_train_report(out, args, r, rows, saved)
+    console.print(f"Wrote {', '.join(saved)}, metrics.json and report.md to [bold]{out}[/bold].")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _train_figures(out: Path, r: Any) -> list[str]:
+    from .. import report
+
+    figures = [
+        report.plot_training(
+            r.artifacts.get("controller_history") or r.history,
+            out / "training.png",
+            title="sparsity over training",
+        ),
+        report.plot_layer_density(r.model, out / "layer_density.png"),
+        report.plot_magnitudes(r.model, out / "magnitudes.png"),
+    ]
+    return figures
+
+
+def _write_train_report(
+    out: Path, args: argparse.Namespace, r: Any, rows: list[list[str]], saved: list[str]
+) -> None:
+    figures = _train_figures(out, r)
+    flags = [
+        f"--{k} {v}"
+        for k, v in vars(args).items()
+        if k not in ("func", "command") and v not in (None, False)
+    ]
+    lines = [
+        "# sparsecraft train",
+        "",
+        f"`sparsecraft train {' '.join(flags)}`",
+        "",
+        _markdown_table(["", "value"], rows),
+        "",
+    ]
+    if r.explanation is not None and r.explanation.rows:
+        lines += [
+            "## Regularization terms (at the end of training)",
+            "",
+            "```",
+            str(r.explanation),
+            "```",
+            "",
+        ]
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    lines += ["", f"Files: {', '.join(saved)}, metrics.json.", ""]
+    (out / "report.md").write_text("\n".join(lines))
