@@ -8,8 +8,8 @@ the loss or, for exact zeros, by a :class:`ProximalOptimizer`.
 from __future__ import annotations
 
 from . import datasets, distributed, functional, metrics, penalties
-from .metrics import ActivationMonitor, SparsityReport, sparsity
 from .control import TargetSparsity, path
+from .metrics import ActivationMonitor, SparsityReport, sparsity
 from .optim import ProximalOptimizer, register_step_rule, threshold
 from .penalties import (
     L0,
