@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import sparsecraft as sc
+from sparsecraft import optim
 from sparsecraft.optim import FLOOR_REFRESH, ProximalOptimizer, threshold
 
 
@@ -280,8 +281,11 @@ def _one_checked_step(model, opt, make, x, y):
     return twin, twin_opt
 
 
+@pytest.mark.parametrize("block", [None, 5], ids=["one_block", "blocks_of_5"])
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))
-def test_adaptive_step_sizes_come_from_the_optimizer_state(name):
+def test_adaptive_step_sizes_come_from_the_optimizer_state(name, block, monkeypatch):
+    if block is not None:  # the L1 prox runs block by block, with a shorter last block
+        monkeypatch.setattr(optim, "BLOCK", block)
     make, rule = ADAPTIVE[name]
     lam = 0.02
     model, reg = _l1_model(lam=lam)
@@ -319,8 +323,11 @@ def test_group_lasso_with_adaptive_optimizer_uses_the_mean_step_of_each_group(na
     torch.testing.assert_close(u[alive] - w[alive], tau[alive, None] * direction, rtol=0, atol=1e-10)
 
 
-def test_floor_caps_the_threshold_where_the_gradient_died():
+@pytest.mark.parametrize("block", [None, 7], ids=["one_block", "blocks_of_7"])
+def test_floor_caps_the_threshold_where_the_gradient_died(block, monkeypatch):
     """Coordinate 0 gets gradients, then none: v̂ → 0 and lr·λ/(sqrt(v̂)+eps) explodes without the floor."""
+    if block is not None:  # the floor's mean is summed block by block
+        monkeypatch.setattr(optim, "BLOCK", block)
     lam, lr, floor, beta2 = 0.01, 1e-3, 0.1, 0.8
     final = {}
     for fl in (0.0, floor):
