@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import datasets, distributed, functional, metrics, penalties
 from .control import TargetSparsity, path
 from .metrics import ActivationMonitor, SparsityReport, sparsity
-from .optim import ProximalOptimizer, register_step_rule, threshold
+from .optim import AdaptiveStep, ProximalOptimizer, register_step_rule, threshold
 from .penalties import (
     L0,
     L1,
@@ -36,6 +36,7 @@ __all__ = [
     "TargetSparsity",
     "path",
     "register_step_rule",
+    "AdaptiveStep",
     "threshold",
     "sparsity",
     "SparsityReport",
