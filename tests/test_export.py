@@ -685,3 +685,30 @@ def test_save_load_graph_with_functions_and_methods(tmp_path):
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(loaded(x), m(x))
     assert sorted(dict(loaded.named_children())) == ["a", "b", "fc"]
+
+
+def test_compact_untraceable_root_is_returned_unchanged_and_reported():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    class Star(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, *xs):
+            return self.fc(xs[0])
+
+    for model in (Branchy(), Star()):
+        with torch.no_grad():
+            model.fc.weight[0] = 0
+        x = torch.randn(2, 3)
+        c, report = compact(model, x)
+        assert report.skipped[0][0] == "" and "trace" in report.skipped[0][1]
+        assert report.layers == [] and report.params_after == report.params_before
+        assert torch.equal(c(x), model(x))

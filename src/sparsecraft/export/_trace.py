@@ -104,7 +104,8 @@ def trace(
 
     Raises:
         TypeError: If the inputs do not match ``model.forward``'s signature.
-        RuntimeError: If the model itself cannot be traced.
+        RuntimeError: If the model itself cannot be traced (including a
+            forward taking ``*args`` / ``**kwargs``).
     """
     signature = inspect.signature(model.forward)
     try:
@@ -125,8 +126,8 @@ def trace(
     for name, param in signature.parameters.items():
         if name in bound.arguments:
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                raise TypeError(
-                    "Expected a forward without *args/**kwargs for tracing. "
+                raise RuntimeError(
+                    "Expected a forward without *args/**kwargs to trace it with torch.fx. "
                     f"Received: parameter {name!r} of {type(model).__name__}.forward"
                 )
             values.append(bound.arguments[name])
@@ -146,7 +147,8 @@ def trace(
                 ) from err
             name, module, sub_err = culprit
             opaque.add(id(module))
-            reasons[name] = f"torch.fx cannot trace its forward ({type(sub_err).__name__}: " + (
-                f"{str(sub_err).splitlines()[0] if str(sub_err) else ''})"
+            first_line = next(iter(str(sub_err).splitlines()), "")
+            reasons[name] = (
+                f"torch.fx cannot trace its forward ({type(sub_err).__name__}: {first_line})"
             )
     return fx.GraphModule(model, graph), tuple(values), reasons
