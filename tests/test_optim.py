@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
 import warnings
 
 import pytest
@@ -459,8 +458,6 @@ def test_prox_part_allocates_no_parameter_sized_tensor(name):
     assert big == []
 
 
-@pytest.mark.skipif(os.environ.get("SPARSECRAFT_TEST_COMPILE") != "1",
-                    reason="compiles a kernel (tens of seconds); set SPARSECRAFT_TEST_COMPILE=1")
 @pytest.mark.parametrize("pen", [sc.L1(0.02), sc.L1L2(0.02, 0.5)], ids=["l1", "l1l2"])
 @pytest.mark.parametrize("name", ["adam", "rmsprop_centered"])
 def test_fused_kernel_matches_the_unfused_prox(name, pen):
