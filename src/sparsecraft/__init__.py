@@ -7,8 +7,9 @@ the loss or, for exact zeros, by a :class:`ProximalOptimizer`.
 
 from __future__ import annotations
 
-from . import datasets, distributed, functional, metrics, penalties
+from . import datasets, distributed, export, functional, metrics, penalties
 from .control import TargetSparsity, path
+from .export import compact, load, save, to_sparse
 from .metrics import ActivationMonitor, SparsityReport, sparsity
 from .optim import AdaptiveStep, ProximalOptimizer, register_step_rule, threshold
 from .penalties import (
@@ -33,6 +34,11 @@ __all__ = [
     "distributed",
     "metrics",
     "ProximalOptimizer",
+    "export",
+    "compact",
+    "to_sparse",
+    "save",
+    "load",
     "TargetSparsity",
     "path",
     "register_step_rule",
