@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 import sparsecraft as sc
-from sparsecraft import optim
-from sparsecraft.optim import FLOOR_REFRESH, ProximalOptimizer, threshold
+from sparsecraft.optim import FLOOR_REFRESH, ProximalOptimizer, _prox_step, threshold
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +283,7 @@ def _one_checked_step(model, opt, make, x, y):
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))
 def test_adaptive_step_sizes_come_from_the_optimizer_state(name, block, monkeypatch):
     if block is not None:  # the L1 prox runs block by block, with a shorter last block
-        monkeypatch.setattr(optim, "BLOCK", block)
+        monkeypatch.setattr(_prox_step, "BLOCK", block)
     make, rule = ADAPTIVE[name]
     lam = 0.02
     model, reg = _l1_model(lam=lam)
@@ -326,7 +325,7 @@ def test_group_lasso_with_adaptive_optimizer_uses_the_mean_step_of_each_group(na
 def test_floor_caps_the_threshold_where_the_gradient_died(block, monkeypatch):
     """Coordinate 0 gets gradients, then none: v̂ → 0 and lr·λ/(sqrt(v̂)+eps) explodes without the floor."""
     if block is not None:  # the floor's mean is summed block by block
-        monkeypatch.setattr(optim, "BLOCK", block)
+        monkeypatch.setattr(_prox_step, "BLOCK", block)
     lam, lr, floor, beta2 = 0.01, 1e-3, 0.1, 0.8
     final = {}
     for fl in (0.0, floor):

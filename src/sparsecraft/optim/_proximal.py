@@ -1,0 +1,239 @@
+"""ProximalOptimizer: exact zeros with any torch optimizer.
+
+:class:`ProximalOptimizer` wraps an optimizer. After the inner step it applies
+the prox of every proximable weight term of a :class:`~sparsecraft.Regularizer`
+with the step size the inner optimizer really used for each coordinate
+(forward–backward splitting), or keeps a dense latent copy updated by the inner
+optimizer and shows the model ``prox(latent, γ)`` with the accumulated step γ
+(dual averaging, as in RDA, Xiao 2010, and torchao's prototype PAT).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..regularizer import Regularizer, Term
+from ._prox_step import _apply_prox, _ProxStep
+from ._rules import _lr, _penalty_scale, _rule_for
+
+_MODES = ("forward_backward", "latent")
+
+
+class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
+    """Wraps any optimizer; after its step, applies the prox of the regularizer's weight terms.
+
+    Args:
+        optimizer: the inner ``torch.optim.Optimizer``. Its ``param_groups`` are
+            shared, so LR schedulers work on either object. A group may carry
+            ``"penalty_scale"`` (default 1.0) to scale the strengths of its terms.
+        regularizer: every weight term with a closed-form prox whose parameter
+            the optimizer holds is applied by prox and leaves ``regularizer.loss()``.
+        mode: ``"forward_backward"`` (default): ``w ← prox_{tR}(inner_step(w))``,
+            with ``t`` the inner optimizer's step (SGD: ``lr``; Adam/AdamW:
+            ``lr/(sqrt(v̂)+eps)``; Adagrad, RMSprop from their state; any other
+            optimizer: ``lr``, with a warning). ``"latent"``: the inner optimizer
+            updates a dense latent copy ``z`` of each parameter, and the model
+            holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken (dual
+            averaging); costs one extra copy of the penalised parameters.
+        floor: guard for adaptive optimizers. Where a gradient dies, ``v̂`` decays
+            to 0 and the threshold ``lr·λ/(sqrt(v̂)+eps)`` explodes, zeroing the
+            weight, then its neighbours (REFERENCES.md; ProxGen, Yun et al.
+            2021). Each coordinate's ``sqrt(v)`` (the optimizer's raw second
+            moment, before bias correction) is raised to at least ``floor``
+            times the largest mean ``sqrt(v)`` the tensor has had (the mean is
+            taken every ``FLOOR_REFRESH`` = 10 steps), so its prox step is at
+            most about ``1/floor`` times a typical one. 0 disables the guard. It does not prevent the collapse of Adam's
+            forward–backward prox at a large ``λ`` (docs/optim.md).
+        fused: opt in to one compiled kernel (``torch.compile``) for the prox
+            of L1, L2 and L1L2 terms under Adam/AdamW, Adagrad and RMSprop: it
+            reads the optimizer state and the weights once and writes the
+            weights once, instead of about eight memory passes. The first step
+            compiles (tens of seconds on CPU; it needs a C++ compiler); if
+            compiling fails, it warns once and runs the unfused path.
+
+    Memory: with adaptive optimizers, forward–backward holds two step buffers of
+    ``BLOCK`` elements for L1 terms, or of the largest penalised parameter for
+    other penalties; latent mode holds a copy of every penalised parameter.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        regularizer: Regularizer,
+        *,
+        mode: str = "forward_backward",
+        floor: float = 0.1,
+        fused: bool = False,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Expected a torch.optim.Optimizer. Received: {type(optimizer).__name__}")
+        if isinstance(optimizer, ProximalOptimizer):
+            raise TypeError("Expected an inner optimizer. Received: a ProximalOptimizer (wrap only once)")
+        if not isinstance(regularizer, Regularizer):
+            raise TypeError(f"Expected a sparsecraft.Regularizer. Received: {type(regularizer).__name__}")
+        if mode not in _MODES:
+            raise ValueError(f"Expected mode in {_MODES}. Received: mode={mode!r}")
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise ValueError(f"Expected floor in [0, 1]. Received: floor={floor!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"Expected fused to be a bool. Received: fused={fused!r}")
+        self.inner = optimizer
+        self.regularizer = regularizer
+        self.mode = mode
+        self.floor = float(floor)
+        self.fused = fused
+        self._rule, known = _rule_for(optimizer)
+        if not known:
+            warnings.warn(
+                f"ProximalOptimizer does not know the step size of {type(optimizer).__name__}; "
+                f"it uses the group's lr as the prox step (register_step_rule() teaches it).",
+                stacklevel=2,
+            )
+        # Share everything a scheduler or a trainer reads off an optimizer.
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._optimizer_step_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_step_post_hooks = type(optimizer._optimizer_step_post_hooks)()
+        self._optimizer_state_dict_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_state_dict_post_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_load_state_dict_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(optimizer._optimizer_step_pre_hooks)()
+        self._patch_step_function()
+
+        self._terms = self._bind(regularizer)
+        self._workspaces: dict[tuple, Tensor] = {}
+        self._latent: dict[Tensor, Tensor] = {}
+        self._gamma: dict[Tensor, float] = {}
+        self._typical: dict[Tensor, Tensor] = {}
+        self._floor_steps: dict[Tensor, int] = {}
+        if mode == "latent":
+            with torch.no_grad():
+                for p in self._terms:
+                    self._latent[p] = p.detach().clone()
+                    self._gamma[p] = 0.0
+
+    # -- binding -----------------------------------------------------------------------
+    def _bind(self, reg: Regularizer) -> dict[Tensor, Term]:
+        owned = {p for g in self.param_groups for p in g["params"]}
+        terms: dict[Tensor, Term] = {}
+        missing = []
+        for t in reg.terms:
+            if t.kind != "weight" or not t.penalty.proximable:
+                continue
+            p = t.target
+            if p not in owned:
+                missing.append(t.where)
+                continue
+            if not p.requires_grad:
+                raise ValueError(
+                    f"Expected parameters with requires_grad=True for prox terms. Received: {t.where} "
+                    f"does not require grad"
+                )
+            if p in terms:
+                raise ValueError(
+                    f"Expected at most one prox term per parameter. Received: {terms[p].name} and {t.name} "
+                    f"on {t.where}; combine them into one penalty (e.g. L1L2, SparseGroupLasso)"
+                )
+            terms[p] = t
+        if missing:
+            raise ValueError(
+                f"Expected the regularizer's prox parameters to be in the optimizer. Received: {missing} "
+                f"are not in any of its param_groups"
+            )
+        for t in terms.values():
+            t.prox = True
+        return terms
+
+    def release(self) -> None:
+        """Hand the terms back to the loss (``regularizer.loss()`` includes them again)."""
+        for t in self._terms.values():
+            t.prox = False
+
+    # -- stepping ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Inner step, then prox (forward–backward), or latent update then prox (latent)."""
+        # Validated before anything changes: a NaN lr must not reach the weights.
+        scales = [_penalty_scale(g) if any(p in self._terms for p in g["params"]) else 0.0
+                  for g in self.param_groups]
+        lrs = [_lr(g) if sc > 0 or self.mode == "latent" else 0.0
+               for g, sc in zip(self.param_groups, scales, strict=True)]
+        if self.mode == "latent":
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            active = [p for p in self._terms if p.grad is not None]
+            for p in active:
+                p.copy_(self._latent[p])
+            self.inner.step()
+            for group, scale, lr in zip(self.param_groups, scales, lrs, strict=True):
+                for p in group["params"]:
+                    if p in self._terms and p.grad is not None:
+                        self._latent[p].copy_(p)
+                        term = self._terms[p]
+                        self._gamma[p] += lr
+                        _apply_prox(term.penalty, p, self._gamma[p] * term.scale * scale)
+            return loss
+        loss = self.inner.step(closure)
+        for group, scale in zip(self.param_groups, scales, strict=True):
+            for p in group["params"]:
+                term = self._terms.get(p)
+                if term is None or p.grad is None or scale * term.scale == 0:
+                    continue  # a zero strength: the prox is the identity
+                self._prox(term, p, group, scale * term.scale)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    # -- state -------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Inner optimizer state plus the prox state (latent copies and accumulated steps)."""
+        index = {p: i for i, p in enumerate(self._params())}
+        return {
+            "inner": self.inner.state_dict(),
+            "prox": {
+                "mode": self.mode,
+                "floor": self.floor,
+                "latent": {index[p]: z.clone() for p, z in self._latent.items()},
+                "gamma": {index[p]: g for p, g in self._gamma.items()},
+                "typical": {index[p]: t.clone() for p, t in self._typical.items()},
+                "floor_steps": {index[p]: n for p, n in self._floor_steps.items()},
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or set(state_dict) != {"inner", "prox"}:
+            raise ValueError(
+                "Expected a ProximalOptimizer state_dict with keys 'inner' and 'prox'. "
+                f"Received keys: {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
+            )
+        prox = state_dict["prox"]
+        if prox["mode"] != self.mode:
+            raise ValueError(f"Expected a state_dict of mode {self.mode!r}. Received: mode={prox['mode']!r}")
+        self.inner.load_state_dict(state_dict["inner"])
+        # The inner load rebuilt its param_groups list: share it again.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        params = self._params()
+        with torch.no_grad():
+            for i, z in prox["latent"].items():
+                self._latent[params[int(i)]].copy_(z)
+        for i, g in prox["gamma"].items():
+            self._gamma[params[int(i)]] = float(g)
+        self._typical = {params[int(i)]: t.clone() for i, t in prox.get("typical", {}).items()}
+        self._floor_steps = {params[int(i)]: int(n) for i, n in prox.get("floor_steps", {}).items()}
+
+    def __repr__(self) -> str:
+        return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "
+                f"{len(self._terms)} prox terms)")
