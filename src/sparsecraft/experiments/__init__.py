@@ -7,6 +7,8 @@ matrices, non-zero parameter count, wall time and a per-epoch history.
 them and :func:`best_within` picks the sparsest setting within a tolerance of
 a reference accuracy. :func:`train_autoencoder` is the activity-sparsity
 experiment (sparse autoencoders on the superposition task).
+:func:`export_summary` compacts, sparsifies, saves and times a trained model;
+:func:`structured_zeros` counts the weights in all-zero rows/columns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ._autoencoder import (
 )
 from ._compare import METHODS, best_within, compare, pattern_f1, summarize
 from ._demo import DEMO_EPOCHS, demo_plan, reference_case
+from ._export import export_summary, structured_zeros
 from ._methods import (
     pat_available,
     run_dense,
@@ -58,6 +61,7 @@ __all__ = [
     "default_hidden",
     "demo_plan",
     "evaluate",
+    "export_summary",
     "make_optimizer",
     "pat_available",
     "pattern_f1",
@@ -72,6 +76,7 @@ __all__ = [
     "run_target",
     "reference_case",
     "steps_per_epoch",
+    "structured_zeros",
     "summarize",
     "train",
     "train_autoencoder",
