@@ -23,6 +23,8 @@ DEMO_COLUMNS = [
     "non-zero params",
     "wall time",
 ]
+EXPORT_COLUMNS = ["model", "CSR layers", "params", "FLOPs", "file", "ms, batch 1", "ms, batch 450"]
+EXPORT_MODELS = ["original", "to_sparse", "compact", "compact + to_sparse"]
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +45,12 @@ def test_demo_quick_writes_the_report_and_figures(tmp_path, capsys):
     report = (out / "report.md").read_text()
     header = "| " + " | ".join(DEMO_COLUMNS) + " |"
     assert header in report
-    rows = [line for line in report.splitlines() if line.startswith("| ") and line != header]
+    export_header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    rows = [
+        line
+        for line in report.split("## 3.")[0].splitlines()
+        if line.startswith("| ") and line != header
+    ]
     assert [r.split("|")[1].strip() for r in rows] == [
         "dense",
         "l1_loss",
@@ -66,6 +73,30 @@ def test_demo_quick_writes_the_report_and_figures(tmp_path, capsys):
     ):
         assert (out / figure).stat().st_size > 1000
         assert f"({figure})" in report
+    # 3. Export: the target model before and after compact / to_sparse.
+    for column in EXPORT_COLUMNS:
+        assert column in printed and f"| {column}" in export_header
+    export = {}
+    for line in report.split("## 3.")[1].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in EXPORT_MODELS:
+            export[cells[0]] = cells
+    assert list(export) == EXPORT_MODELS
+    assert "median of 15 interleaved rounds" in report and "{" not in report.split("## 3.")[1]
+    params = {k: int(v[2].replace(",", "")) for k, v in export.items()}
+    flops = {k: int(v[3].replace(",", "")) for k, v in export.items()}
+    assert params["compact"] <= params["original"] and flops["compact"] < flops["original"]
+    assert float(export["compact"][7]) <= 1e-5  # compact keeps the outputs
+    for model, cells in export.items():
+        assert re.fullmatch(r"\d/\d · \d/\d", cells[1])
+        assert re.fullmatch(r"[\d,.]+ KiB", cells[4])
+        assert float(cells[5]) > 0 and float(cells[6]) > 0
+        stem = "target" + ("" if model == "original" else "_" + model.replace(" + ", "_"))
+        assert (out / f"{stem}.safetensors").stat().st_size > 0
+    from sparsecraft.export import load
+
+    small = load(out / "target_compact.safetensors")
+    assert sum(p.numel() for p in small.parameters()) == params["compact"]
 
 
 @pytest.mark.parametrize(
