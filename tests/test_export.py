@@ -712,3 +712,55 @@ def test_compact_untraceable_root_is_returned_unchanged_and_reported():
         assert report.skipped[0][0] == "" and "trace" in report.skipped[0][1]
         assert report.layers == [] and report.params_after == report.params_before
         assert torch.equal(c(x), model(x))
+
+
+def _structured_mask(w: torch.Tensor, rows: bool = True, cols: bool = True) -> torch.Tensor:
+    """Entries of a 2-D weight lying in an all-zero row or an all-zero column."""
+    zero = w == 0
+    mask = torch.zeros_like(zero)
+    if rows:
+        mask |= zero.all(1, keepdim=True)
+    if cols:
+        mask |= zero.all(0, keepdim=True)
+    return mask
+
+
+def test_compact_cuts_params_and_flops_by_at_least_the_structured_zero_fraction():
+    from sparsecraft.experiments import structured_zeros
+
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 3))
+    with torch.no_grad():
+        for layer in model[::2]:  # a trained-like MLP: 30 % scattered zeros, non-zero biases
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=gen) > 0.3)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) + 0.1)
+        model[0].weight[:6] = 0  # 6 dead hidden units (constant relu(bias), folded)
+        model[0].weight[:, :2] = 0  # 2 unread inputs: compact keeps the model's input shape
+        model[2].weight[:4] = 0  # 4 dead units
+        model[2].weight[:, 6:10] = 0  # 4 unread units of the first hidden layer
+        model[4].weight[:, 8:] = 0  # 2 unread units of the second hidden layer
+        model[4].weight[0] = 0  # a zero output row: model outputs keep their units
+    x = torch.randn(5, 8, generator=gen)
+    masks = [_structured_mask(layer.weight) for layer in model[::2]]
+    removable = [_structured_mask(model[0].weight, cols=False), masks[1],
+                 _structured_mask(model[4].weight, rows=False)]
+    n_weights = sum(layer.weight.numel() for layer in model[::2])
+    n_params = sum(p.numel() for p in model.parameters())
+    counted = structured_zeros(model, x)
+    assert counted["weights"] == n_weights and counted["params"] == n_params
+    assert counted["structured"] == sum(int(m.sum()) for m in masks)
+    assert counted["removable"] == sum(int(m.sum()) for m in removable)
+    assert [(r["reads_input"], r["writes_output"]) for r in counted["layers"]] == [
+        (True, False), (False, False), (False, True)]
+
+    small, report = compact(model, x)
+    _close(small(x), model.eval()(x))
+    params_cut = 1 - report.params_after / report.params_before
+    flops_cut = 1 - report.flops_after / report.flops_before
+    assert report.flops_before == flops(model, x) and report.flops_after == flops(small, x)
+    assert params_cut >= counted["removable_param_fraction"] > 0.4
+    assert flops_cut >= counted["removable_fraction"] > 0.4
+    # Only the zeros at the model's interface stay: its 2 unread inputs, its zero output row.
+    assert small[0].in_features == 8 and small[4].out_features == 3
+    assert counted["fraction"] > counted["removable_fraction"]
