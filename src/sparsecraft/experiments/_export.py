@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from torch import nn
 
 from ..datasets import Split
 from ..export import SparseLinear, compact, save, to_sparse
+from ..export._sparse import median_ms
 from ..metrics import flops, sparsity
 
 __all__ = ["export_summary", "structured_zeros"]
@@ -146,30 +144,6 @@ def _count_sparse(model: nn.Module) -> int:
     return sum(isinstance(m, SparseLinear) for m in model.modules())
 
 
-def _latency_ms(
-    models: Mapping[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median latency (ms) of each model on ``x``, in interleaved rounds, each timed run warm.
-
-    Rounds spread a shared machine's drift over all models alike. Within a
-    round each model runs once untimed right before its timed run: timed just
-    after a larger model, a small one was measured 7-20 % slower here (its
-    weights evicted from cache), which is the order of the differences compared.
-    """
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for model in models.values():
-                model(x)
-        for _ in range(repeats):
-            for key, model in models.items():
-                model(x)
-                start = time.perf_counter()
-                model(x)
-                times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def _max_abs_diff(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).double() - reference.double()).abs().max())
@@ -243,7 +217,7 @@ def export_summary(
             }
         order = tuple(_SUFFIX)
         timed = {
-            batch: _latency_ms({k: variants[k][batch] for k in order}, x, repeats, warmup)
+            batch: median_ms({k: variants[k][batch] for k in order}, x, repeats, warmup, warm_each=True)
             for batch, x in (("batch1", x1), ("test", x_test))
         }
         n_linear = sum(isinstance(m, nn.Linear) for m in original.modules())

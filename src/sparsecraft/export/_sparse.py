@@ -6,6 +6,7 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -166,12 +167,17 @@ class SparseReport:
 
 
 def median_ms(
-    candidates: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int
+    candidates: Mapping[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
+    *, warm_each: bool = False,
 ) -> dict[str, float]:
     """Median latency (ms) of each candidate on ``x``, timed in interleaved rounds.
 
     Interleaving (one run of each candidate per round) spreads the drift of a
     shared machine evenly over the candidates instead of biasing the last one.
+    ``warm_each`` runs each candidate once, untimed, right before its timed run:
+    timed just after a larger model, a small one was measured 7-20 % slower here
+    (its weights evicted from cache) — use it when models of different sizes
+    are compared.
     """
     times: dict[str, list[float]] = {k: [] for k in candidates}
     with torch.no_grad():
@@ -180,6 +186,8 @@ def median_ms(
                 fn(x)
         for _ in range(repeats):
             for key, fn in candidates.items():
+                if warm_each:
+                    fn(x)
                 start = time.perf_counter()
                 fn(x)
                 times[key].append(time.perf_counter() - start)
