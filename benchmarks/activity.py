@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from sparsecraft import datasets, experiments
+from sparsecraft.cli import RunProgress
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "activity.json"
@@ -62,12 +63,6 @@ QUICK = {
 METRICS = ("recovered", "mean_cosine", "l0", "fvu", "dead")
 
 
-def _progress() -> Any:
-    from sparsecraft.cli import RunProgress
-
-    return RunProgress()
-
-
 def run(quick: bool = False) -> dict:
     """Runs the suite, writes ``benchmarks/results/activity.json`` and returns the results."""
     cfg = QUICK if quick else FULL
@@ -75,7 +70,7 @@ def run(quick: bool = False) -> dict:
     t0 = time.perf_counter()
     data = datasets.superposition(n_train=4096 if quick else 16384, n_test=1024 if quick else 4096)
     runs = []
-    with _progress() as progress:
+    with RunProgress() as progress:
         for kind, grid in cfg["grid"].items():
             ((knob, values),) = grid.items()
             for value in values:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from sparsecraft import datasets, experiments
+from sparsecraft.cli import RunProgress
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "weights.json"
@@ -196,19 +197,13 @@ def _figure(summary: list[dict[str, Any]], dense: float, path: Path) -> str:
     )
 
 
-def _progress() -> Any:
-    from sparsecraft.cli import RunProgress
-
-    return RunProgress()
-
-
 def run(quick: bool = False) -> dict:
     """Runs the suite, writes ``results/weights.json`` and the Pareto figure; returns all."""
     cfg = QUICK if quick else FULL
     torch.set_num_threads(1)  # small MLPs: one thread is fastest, and the machine is shared
     t0 = time.perf_counter()
     pat = experiments.pat_available()
-    with _progress() as progress:
+    with RunProgress() as progress:
         runs = _digits(cfg, pat, progress)
         teacher_rows = _teacher(cfg, pat, progress)
     summary = experiments.summarize(runs)
