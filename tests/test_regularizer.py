@@ -130,7 +130,12 @@ def test_selectors_by_object(net: Net) -> None:
 def test_parameters_lists_each_once(net: Net) -> None:
     reg = Regularizer(net)
     reg.add_weight("head.weight", sc.L1(0.1))
-    reg.add_weight(nn.Linear, sc.L2(0.1))
+    # One parameter = one term: a second penalty on head.weight is refused (see
+    # test_regularizer_models.py); exclude= leaves it to the first term.
+    with pytest.raises(ValueError, match=r"head\.weight already has weight:head\.weight"):
+        reg.add_weight(nn.Linear, sc.L2(0.1))
+    assert len(reg.terms) == 1  # refused whole: nothing added
+    reg.add_weight(nn.Linear, sc.L2(0.1), exclude="head.weight")
     assert reg.parameters() == [net.head.weight, net.encoder[0].weight, net.encoder[2].weight]
 
 
@@ -283,14 +288,17 @@ def test_a_forward_that_raises_does_not_break_the_next() -> None:
     torch.testing.assert_close(reg.loss(), 0.1 * _lin(x, model.lin).abs().sum() / 2)
 
 
-def test_tuple_outputs_penalise_each_float_tensor() -> None:
+def test_tuple_outputs_penalise_the_first_tensor_or_all_with_output_all() -> None:
     model = Pair()
     reg = Regularizer(model)
-    reg.add_activity(model, sc.L1(0.1))
+    first = reg.add_activity(model, sc.L1(0.1))
+    every = reg.add_activity(model, sc.L1(0.1), output="all")  # Keras's flatten rule
     x = torch.randn(3, 4)
     model(x)
+    torch.testing.assert_close(first.current(), 0.1 * (x * 2.0).abs().sum() / 3)
     expected = 0.1 * (x * 2.0).abs().sum() / 3 + 0.1 * (x - 1.0).abs().sum() / 3
-    torch.testing.assert_close(reg.loss(), expected)
+    torch.testing.assert_close(every.current(), expected)  # the integer argmax carries none
+    assert len(every.captured) == 1 and "Σ over" not in every.formula()  # one call, not 2 tensors
 
 
 def test_scalar_outputs_are_not_divided() -> None:

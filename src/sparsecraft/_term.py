@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,10 @@ class Term:
             adjusts it. Prox steps use ``scale·t``, since ``prox_{t·(cR)} = prox_{(ct)·R}``.
         prox: True while a :class:`~sparsecraft.ProximalOptimizer` applies this
             term by prox; it then stays out of :meth:`Regularizer.loss`.
+        aliases: weight terms: the other names of the same parameter in the model
+            (a tied weight: ``out.weight`` is ``emb.weight``).
+        part: activity terms: which part of the module's output (``output=``), or None
+            for the first tensor.
     """
 
     kind: str
@@ -39,12 +42,23 @@ class Term:
     reduction: str = "batch"
     scale: float = 1.0
     prox: bool = False
+    aliases: tuple[str, ...] = ()
+    part: str | None = None
     captured: list[Tensor] = field(default_factory=list, repr=False)
     last_batch: int | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.kind}:{self.where}"
+
+    @property
+    def where_text(self) -> str:
+        """``where`` with the other names of a tied parameter, or the selected output part."""
+        if self.aliases:
+            return " = ".join((self.where, *self.aliases))
+        if self.part is not None:
+            return f"{self.where}[{self.part}]"
+        return self.where
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -64,25 +78,36 @@ class Term:
         # A sharded (FSDP2) parameter is summed over shards or gathered: see distributed.py.
         return self.scale * _dist.penalty_value(self.penalty, self.target)
 
-    def _capture(self, out: Tensor) -> None:
-        if not isinstance(out, Tensor) or not out.is_floating_point():
-            return
+    def _capture(self, outputs: list[tuple[Tensor, int | None]]) -> None:
+        """Records one call: the sum over the selected tensors, each divided by its batch size.
+
+        ``outputs`` are ``(tensor, batch_dim)`` pairs; ``batch_dim`` None means unbatched.
+        One value per call, so ``Σ over n calls`` in :meth:`formula` counts calls.
+        """
+        total: Tensor | None = None
+        for out, dim in outputs:
+            if not out.is_floating_point():
+                continue
+            v = self._value(out, dim)
+            total = v if total is None else total + v
+        if total is not None:
+            self.captured.append(total)
+
+    def _value(self, out: Tensor, dim: int | None) -> Tensor:
         if out.ndim == 0:
             # Keras does not divide scalar outputs by a batch size.
-            self.captured.append(self.penalty(out))
-            return
-        batch = out.shape[0]
+            return self.penalty(out)
+        batch = 1 if dim is None else out.shape[dim]
         self.last_batch = batch
         if batch == 0:
             # An empty batch gives 0, never 0/0 (tf.keras divide_no_nan, Keras >= 3.14).
-            self.captured.append(out.sum() * 0.0)
-            return
+            return out.sum() * 0.0
         v = self.penalty(out)
         if self.reduction == "batch":
             v = v / batch
         elif self.reduction == "mean":
             v = v / out.numel()
-        self.captured.append(v)
+        return v
 
     def symbol(self) -> str:
         if self.kind == "weight":
@@ -102,18 +127,6 @@ class Term:
         if self.scale != 1.0:
             f = f"{self.scale:.4g} × ({f})"
         return f
-
-
-def _tensors(output: Any) -> Iterator[Tensor]:
-    """Every tensor in a module output, as Keras flattens it (tuples, lists, dicts)."""
-    if isinstance(output, Tensor):
-        yield output
-    elif isinstance(output, (tuple, list)):
-        for o in output:
-            yield from _tensors(o)
-    elif isinstance(output, dict):
-        for o in output.values():
-            yield from _tensors(o)
 
 
 class Explanation:

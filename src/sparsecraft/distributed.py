@@ -168,6 +168,7 @@ def sync_activity(regularizer: Any, group: Any = None) -> None:
 
 def sparsity(
     model_or_params: nn.Module | Tensor | Iterable[Any] | Mapping[str, Tensor],
+    *,
     tol: float = 0.0,
     params: Any = None,
 ) -> SparsityReport:

@@ -7,21 +7,25 @@ leaves the model exactly as it was.
 
 Semantics follow Keras (see DESIGN.md): a weight term is ``penalty(W)``,
 recomputed from the current parameter at every :meth:`Regularizer.loss`; an
-activity term is ``penalty(output) / batch_size`` for every output of every
-call of the module during the last forward of the model.
+activity term is ``penalty(output) / batch_size`` for every call of the module
+during the last forward of the model (for a tuple output, its first tensor by
+default: see :meth:`Regularizer.add_activity`).
 """
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import penalties as _penalties
-from ._term import Explanation, Term, _tensors
+from . import select as _select
+from ._outputs import check_output_selector, select_outputs
+from ._space import ModelSpace
+from ._term import Explanation, Term
 
 __all__ = ["Regularizer", "Term", "Explanation", "regularize"]
 
@@ -54,49 +58,142 @@ class Regularizer:
         self._handles: list[Any] = []
         self._root_hooked: set[int] = set()
         self._depth = 0
-        self._forwards = 0  # outermost forwards seen by the hooks
+        self._seen_forward = False  # an outermost forward seen by the hooks
 
     # -- adding terms ----------------------------------------------------------------
     @property
     def terms(self) -> tuple[Term, ...]:
         return tuple(self._terms)
 
-    def add_weight(self, selector: Any, penalty: Any) -> list[Term]:
+    def add_weight(
+        self,
+        selector: Any,
+        penalty: Any,
+        *,
+        exclude: Any = None,
+        trainable_only: bool = False,
+    ) -> list[Term]:
         """Penalise parameters: ``penalty(W)`` recomputed at every :meth:`loss`.
+
+        One parameter has one term: a tied weight (``out.weight = emb.weight``)
+        matched under several names gets one term, whose ``where`` in
+        :meth:`explain` lists every name; a parameter that already has a term
+        with the same penalty is skipped with a warning naming that term, and
+        one with a different penalty raises.
 
         Args:
             selector: a parameter name (``"fc1.weight"``), a glob
                 (``"encoder.*.weight"``), a module name (its ``weight``), a module
                 type (``nn.Linear``: every such module's ``weight``), a module
-                object, a ``(module_or_type, "bias")`` pair, or a Parameter.
+                object, a ``(module_or_type, "bias")`` pair, a Parameter, a
+                predicate ``(name, param) -> bool``, a :mod:`sparsecraft.select`
+                selection (``select.matrices()``) or a list of these; on the torch
+                backend also Keras layers, layer classes and variables
+                (see :mod:`sparsecraft.select`).
             penalty: a Penalty, or anything :func:`sparsecraft.penalties.get` takes.
+            exclude: parameters to leave out, in the same forms; a module, module
+                name or module type here stands for every parameter it holds
+                (``exclude=(nn.LayerNorm, nn.BatchNorm2d)``, ``exclude=select.norms()``).
+            trainable_only: skip parameters with ``requires_grad=False`` (frozen
+                layers), which a :class:`~sparsecraft.ProximalOptimizer` cannot update.
 
         Returns:
-            The new terms, one per matched parameter.
+            The new terms, one per selected parameter.
+
+        Raises:
+            ValueError: the selection matches nothing (or only excluded or frozen
+                parameters), or a parameter already has a term with another penalty.
         """
         penalty = _penalties.get(penalty)
-        new = [Term("weight", name, penalty, p) for name, p in self._select(selector)]
+        if not isinstance(trainable_only, bool):
+            raise TypeError(f"Expected trainable_only to be a bool. Received: trainable_only={trainable_only!r}")
+        space = self._space()
+        found = _select.resolve(space, selector)
+        unique: dict[int, tuple[str, Tensor]] = {}
+        for name, p in found:
+            unique.setdefault(id(p), (name, p))
+        chosen = list(unique.values())
+        if exclude is not None:
+            excluded = {id(p) for _, p in _select.resolve(space, exclude, whole=True)}
+            chosen = [(n, p) for n, p in chosen if id(p) not in excluded]
+        frozen = [n for n, p in chosen if not p.requires_grad]
+        if trainable_only:
+            chosen = [(n, p) for n, p in chosen if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                f"Expected a selection that leaves parameters to penalise. Received: {selector!r} "
+                f"matches {len(unique)} parameter(s), none left after exclude={exclude!r}"
+                + (f" and trainable_only=True (frozen: {frozen})" if trainable_only else "")
+            )
+        existing = {id(t.target): t for t in self._terms if t.kind == "weight"}
+        clashes = [
+            f"{n} already has {existing[id(p)].name} = {existing[id(p)].penalty!r}"
+            for n, p in chosen
+            if id(p) in existing and not _same_penalty(existing[id(p)].penalty, penalty)
+        ]
+        if clashes:
+            raise ValueError(
+                f"Expected one penalty per parameter (one parameter = one term). Received: "
+                f"{penalty!r} for parameters with another penalty: {'; '.join(clashes)}. Put both "
+                f"in one penalty (e.g. L1L2) on one term, or exclude= the parameter here"
+            )
+        new = []
+        for n, p in chosen:
+            if id(p) in existing:
+                warnings.warn(
+                    f"{n} is the tensor of {existing[id(p)].name}, which already has {penalty!r}: "
+                    f"skipped (one parameter = one term)",
+                    stacklevel=2,
+                )
+                continue
+            aliases = tuple(a for a in space.names_of(p) if a != n)
+            new.append(Term("weight", n, penalty, p, aliases=aliases))
         self._terms.extend(new)
         return new
 
-    def add_activity(self, module: nn.Module | str, penalty: Any, reduction: str = "batch") -> Term:
+    def add_activity(
+        self,
+        module: Any,
+        penalty: Any,
+        reduction: str = "batch",
+        *,
+        output: Any = None,
+        batch_dim: int | None = None,
+    ) -> Term:
         """Penalise a module's output: ``penalty(output) / batch_size`` per call.
 
+        A module that returns a tuple (``nn.LSTM``: ``(out, (h_n, c_n))``,
+        ``nn.MultiheadAttention``: ``(attn_output, attn_weights)``) has its first
+        floating tensor penalised, the one a Keras layer returns; the batch size
+        is read from the module's batch dimension (dim 1 for RNN, attention and
+        transformer layers with ``batch_first=False``, and for ``h_n``/``c_n``).
+
         Args:
-            module: the module, or its name in the model.
+            module: the module, its name in the model, or (torch backend) a Keras layer.
             penalty: a Penalty, or anything :func:`sparsecraft.penalties.get` takes.
             reduction: ``"batch"`` (default, Keras ≥ 3.14), ``"sum"`` (Keras 3.0–3.13),
                 ``"mean"`` (per element).
+            output: which part of a tuple/dict output: ``None`` (the first floating
+                tensor), an index, a name (``"h_n"``, ``"c_n"``, ``"attn_output_weights"``,
+                a dict key or namedtuple field), ``"all"`` (every floating tensor, each
+                divided by its own batch size: Keras's rule for multi-output layers),
+                or a callable ``output -> tensor`` (batch dim 0 unless ``batch_dim``).
+            batch_dim: the dimension holding the batch, overriding the module's.
+
+        Returns:
+            The new term.
         """
         penalty = _penalties.get(penalty)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"Expected reduction in {_REDUCTIONS}. Received: reduction={reduction!r}")
+        if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)):
+            raise TypeError(f"Expected batch_dim to be an int or None. Received: batch_dim={batch_dim!r}")
         name, mod = self._module(module)
-        term = Term("activity", name, penalty, mod, reduction=reduction)
+        check_output_selector(mod, output)
+        term = Term("activity", name, penalty, mod, reduction=reduction, part=_part_label(output))
 
-        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-            for t in _tensors(output):
-                term._capture(t)
+        def hook(m: Any, _args: Any, out: Any) -> None:
+            term._capture(select_outputs(m, out, output, batch_dim))
 
         self._handles.append(mod.register_forward_hook(hook))
         self._hook_root(self.model if self.model is not None else mod)
@@ -119,7 +216,7 @@ class Regularizer:
         for t in self._terms:
             if t.prox:
                 continue
-            if t.kind == "activity" and self._forwards == 0:
+            if t.kind == "activity" and not self._seen_forward:
                 # A model compiled (torch.compile) before the terms were added runs its
                 # compiled code without their hooks: dynamo does not guard on hooks
                 # (torch._dynamo.config.skip_nnmodule_hook_guards), so nothing is captured.
@@ -151,7 +248,7 @@ class Regularizer:
         with torch.no_grad():
             for t in self._terms:
                 rows.append({
-                    "term": t.name, "kind": t.kind, "where": t.where, "shape": t.shape,
+                    "term": t.name, "kind": t.kind, "where": t.where_text, "shape": t.shape,
                     "formula": t.formula(), "mode": "prox" if t.prox else "loss",
                     "value": float(t.current()),
                 })
@@ -217,10 +314,10 @@ class Regularizer:
 
         def pre(_m: nn.Module, _args: Any) -> None:
             if self._depth == 0:
-                self._forwards += 1
+                self._seen_forward = True
                 for t in self._terms:
                     if t.kind == "activity":
-                        t.captured.clear()
+                        t.captured = []
             self._depth += 1
 
         def post(_m: nn.Module, _args: Any, _out: Any) -> None:
@@ -231,83 +328,39 @@ class Regularizer:
         self._handles.append(root.register_forward_hook(post, always_call=True))
         self._root_hooked.add(id(root))
 
-    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.model.named_parameters()) if self.model is not None else []
+    def _space(self) -> ModelSpace:
+        # Built per call: parameters and modules may be added to the model between calls.
+        return ModelSpace.of(self.model)
 
-    def _name_of(self, obj: Any, named: list[tuple[str, Any]], default: str) -> str:
-        for n, o in named:
-            if o is obj:
-                return n
-        if self.model is not None:
-            raise ValueError(
-                f"Expected a {type(obj).__name__} that belongs to the regularizer's model. "
-                f"Received: one that is not among its {len(named)} entries"
-            )
-        return default
-
-    def _module(self, module: nn.Module | str) -> tuple[str, nn.Module]:
-        mods = list(self.model.named_modules()) if self.model is not None else []
+    def _module(self, module: Any) -> tuple[str, Any]:
+        space = self._space()
         if isinstance(module, str):
-            for n, m in mods:
+            for n, m in space.modules:
                 if n == module:
                     return n, m
-            close = difflib.get_close_matches(module, [n for n, _ in mods if n], n=5)
+            close = difflib.get_close_matches(module, [n for n, _ in space.modules if n], n=5)
             raise ValueError(f"Expected a module name of the model. Received: {module!r}. Close names: {close}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"Expected an nn.Module or a module name. Received: {type(module).__name__}")
-        return self._name_of(module, mods, type(module).__name__) or type(module).__name__, module
+        name = space.module_name(module)
+        if name is None and self.model is not None:
+            raise ValueError(
+                f"Expected a {type(module).__name__} that belongs to the regularizer's model. "
+                f"Received: one that is not among its {len(space.modules)} entries"
+            )
+        return name or getattr(module, "name", None) or type(module).__name__, module
 
-    def _select(self, selector: Any) -> list[tuple[str, nn.Parameter]]:
-        named = self._named_params()
-        pname = "weight"
-        pair = isinstance(selector, tuple) and len(selector) == 2 and isinstance(selector[1], str)
-        if pair:
-            selector, pname = selector
-        if isinstance(selector, nn.Parameter):
-            return [(self._name_of(selector, named, "param"), selector)]
-        if isinstance(selector, str):
-            if pair:
-                # ("encoder.*", "bias") names modules: their `bias`, never their other parameters.
-                selector = f"{selector}.{pname}" if selector else pname
-            if any(c in selector for c in "*?["):
-                found = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, selector)]
-            else:
-                found = [(n, p) for n, p in named if n == selector]
-                if not found and self.model is not None and not pair:
-                    found = [(n, p) for n, p in named if n == f"{selector}.{pname}"]
-            if not found:
-                close = difflib.get_close_matches(selector, [n for n, _ in named], n=5, cutoff=0.4)
-                raise ValueError(
-                    f"Expected a selector that matches parameters of the model. Received: {selector!r}, "
-                    f"which matches none. Close parameter names: {close or [n for n, _ in named][:8]}"
-                )
-            return found
-        if isinstance(selector, type) and issubclass(selector, nn.Module):
-            if self.model is None:
-                raise ValueError("Expected a Regularizer built on a model to select by module type. Received: model=None")
-            found = [
-                (f"{mn}.{pname}" if mn else pname, getattr(m, pname))
-                for mn, m in self.model.named_modules()
-                if isinstance(m, selector) and isinstance(getattr(m, pname, None), nn.Parameter)
-            ]
-            if not found:
-                raise ValueError(
-                    f"Expected the model to hold {selector.__name__} modules with a `{pname}` parameter. "
-                    f"Received: none found"
-                )
-            return found
-        if isinstance(selector, nn.Module):
-            p = getattr(selector, pname, None)
-            if not isinstance(p, nn.Parameter):
-                have = [n for n, _ in selector.named_parameters(recurse=False)]
-                raise ValueError(
-                    f"Expected {type(selector).__name__} to have a parameter `{pname}`. Received: it has {have}"
-                )
-            return [(self._name_of(p, named, pname), p)]
-        raise TypeError(
-            "Expected a parameter name, glob, module, module type, (module, name) pair or Parameter. "
-            f"Received: {type(selector).__name__}"
-        )
+
+def _same_penalty(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a.get_config() == b.get_config()
+
+
+def _part_label(output: Any) -> str | None:
+    if output is None:
+        return None
+    if callable(output) and not isinstance(output, str):
+        return getattr(output, "__name__", type(output).__name__)
+    return str(output)
 
 
 def regularize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,12 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.LogSigmoid,
     nn.GLU,
 )
+
+
+def _is_keras(model: Any) -> bool:
+    # Recognised without importing keras: only an already loaded keras can have made it.
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(model, keras.layers.Layer)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -118,8 +125,16 @@ class ActivationMonitor:
         tol: float = 0.0,
         unit_dim: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected an nn.Module. Received: model={type(model).__name__}")
+        if not isinstance(model, nn.Module) or _is_keras(model):
+            # On the torch backend a Keras model is an nn.Module, but the layers of a Sequential
+            # or Functional model are not its torch children: no hook would see them.
+            raise TypeError(
+                "Expected an nn.Module whose layers are its torch submodules. Received: "
+                f"model={type(model).__name__}"
+                + (" (a Keras model: its layers are not torch submodules, so no forward hook "
+                   "would see them; read activations with a Keras sub-model "
+                   "keras.Model(model.inputs, layer.output) instead)" if _is_keras(model) else "")
+            )
         if unit_dim is not None and (isinstance(unit_dim, bool) or not isinstance(unit_dim, int)):
             raise TypeError(
                 f"Expected unit_dim to be an int or None. Received: unit_dim={unit_dim!r}"

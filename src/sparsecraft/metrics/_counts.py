@@ -17,7 +17,10 @@ __all__ = ["count_zeros"]
 
 def _check_tol(tol: Any) -> float:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise TypeError(f"Expected tol to be a float. Received: tol={tol!r}")
+        # A tensor here is usually inputs passed as tol: name its shape, never print it whole.
+        got = (f"a Tensor of shape {tuple(tol.shape)}" if isinstance(tol, torch.Tensor)
+               else f"tol={tol!r}"[:80])
+        raise TypeError(f"Expected tol to be a float. Received: {got}")
     tol = float(tol)
     if not math.isfinite(tol) or tol < 0:
         raise ValueError(f"Expected tol to be a finite float >= 0. Received: tol={tol!r}")

@@ -318,8 +318,9 @@ def _record(name: str, t: torch.Tensor, tol: float) -> ParamRecord:
 
 def sparsity(
     model_or_params: nn.Module | torch.Tensor | Iterable[Any] | Mapping[str, torch.Tensor],
-    tol: float = 0.0,
     example_inputs: Any = None,
+    *,
+    tol: float = 0.0,
     params: ParamSelector | None = None,
 ) -> SparsityReport:
     """Measures the zeros of a model's parameters (or of any named tensors).
@@ -330,16 +331,21 @@ def sparsity(
     channels) and columns (slices along dim 1: input features, input
     channels), where "zero" means ``|x| <= tol``. Totals are on the report.
 
+    ``sparsity(model, example_inputs)`` reads its inputs as
+    ``compact(model, example_inputs)`` does, and ``report.flops`` equals the
+    compact report's ``flops_before``.
+
     Args:
         model_or_params: An ``nn.Module`` (its ``named_parameters()``, shared
             parameters once), a tensor, a mapping name -> tensor (e.g. a
             ``state_dict``), or an iterable of ``(name, tensor)`` pairs or of
             tensors (named by position).
-        tol: Tolerance for near-zeros and zero rows/columns; ``0.0`` means exact.
-        example_inputs: If given (a tensor, tuple or dict of inputs), ``model``
-            is run once to count the FLOPs of its Linear/Conv layers for that
-            batch, dense and without all-zero rows/columns (see
-            :func:`layer_flops`). Requires an ``nn.Module``.
+        example_inputs: If given (a tensor, tuple/list of positional inputs or
+            dict of keyword inputs), ``model`` is run once to count the FLOPs of
+            its Linear/Conv layers for that batch, dense and without all-zero
+            rows/columns (see :func:`layer_flops`). Requires an ``nn.Module``.
+        tol: Keyword-only. Tolerance for near-zeros and zero rows/columns;
+            ``0.0`` means exact.
         params: Restrict to some parameters: a list of names, or a callable
             ``(name, tensor) -> bool``.
 
@@ -352,14 +358,14 @@ def sparsity(
             ``params`` is not a parameter (the error lists close names).
     """
     tol = _check_tol(tol)
+    if example_inputs is not None and not isinstance(model_or_params, nn.Module):
+        raise TypeError(
+            "Expected an nn.Module when example_inputs is given. "
+            f"Received: model_or_params={type(model_or_params).__name__}"
+        )
     named = _select(_named_tensors(model_or_params), params)
     records = [_record(n, t, tol) for n, t in named]
     layers = None
     if example_inputs is not None:
-        if not isinstance(model_or_params, nn.Module):
-            raise TypeError(
-                "Expected an nn.Module when example_inputs is given. "
-                f"Received: model_or_params={type(model_or_params).__name__}"
-            )
         layers = layer_flops(model_or_params, example_inputs, tol)
     return SparsityReport(rows=records, tol=tol, layers=layers)
