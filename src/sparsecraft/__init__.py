@@ -7,7 +7,7 @@ the loss or, for exact zeros, by a :class:`ProximalOptimizer`.
 
 from __future__ import annotations
 
-from . import datasets, distributed, export, functional, metrics, penalties
+from . import datasets, distributed, export, functional, metrics, penalties, select
 from .control import TargetSparsity, path
 from .export import compact, load, save, to_sparse
 from .metrics import ActivationMonitor, SparsityReport, sparsity
@@ -33,6 +33,7 @@ __all__ = [
     "datasets",
     "distributed",
     "metrics",
+    "select",
     "ProximalOptimizer",
     "export",
     "compact",
