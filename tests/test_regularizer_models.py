@@ -327,6 +327,13 @@ def test_keras_layers_and_variables_give_keras_losses(keras) -> None:
     assert names.add_activity("d2", "l1").where == "d2"
     with pytest.raises(TypeError, match="a Keras model"):
         sc.ActivationMonitor(model)
+    # The Keras-style shortcut on a lone Keras layer: kernel, bias and activity regularizers.
+    dense = keras.layers.Dense(3, kernel_regularizer=regs.L1(0.1), bias_initializer="ones",
+                               bias_regularizer=regs.L2(0.2), activity_regularizer=regs.L2(0.3))
+    dense.build((None, 4))
+    shortcut = sc.regularize(dense, weight=sc.L1(0.1), bias=sc.L2(0.2), activity=sc.L2(0.3))
+    dense(x)
+    assert float(shortcut.loss().detach()) == pytest.approx(_keras_losses(dense), rel=1e-6)
 
 
 def test_keras_lstm_activity_equals_the_torch_lstm_term(keras) -> None:

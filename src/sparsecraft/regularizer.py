@@ -381,7 +381,8 @@ def regularize(
         raise ValueError(f"Expected reduction in {_REDUCTIONS}. Received: reduction={reduction!r}")
     reg = Regularizer(module)
     if weight is not None:
-        reg.add_weight((module, "weight"), weight)
+        # A Keras layer's "weight" is its kernel (or embeddings): Keras's kernel_regularizer.
+        reg.add_weight((module, reg._space().default_attr(module)), weight)
     if bias is not None:
         reg.add_weight((module, "bias"), bias)
     if activity is not None:

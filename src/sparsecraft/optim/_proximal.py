@@ -133,7 +133,8 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             if not p.requires_grad:
                 raise ValueError(
                     f"Expected parameters with requires_grad=True for prox terms. Received: {t.where} "
-                    f"does not require grad"
+                    f"does not require grad (frozen); leave frozen parameters out with "
+                    f"add_weight(..., trainable_only=True)"
                 )
             if p in terms:
                 raise ValueError(
