@@ -512,9 +512,12 @@ def test_two_prox_terms_on_one_parameter_are_refused():
     model = _mlp()
     reg = sc.Regularizer(model)
     reg.add_weight("0.weight", sc.L1(0.1))
-    reg.add_weight("0.weight", sc.L2(0.1))
-    with pytest.raises(ValueError, match="at most one prox term"):
-        ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    # One parameter = one term (issue 11): the second penalty is refused where it is added.
+    with pytest.raises(ValueError, match="one penalty per parameter"):
+        reg.add_weight("0.weight", sc.L2(0.1))
+    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    assert [t.prox for t in reg.terms] == [True]
+    del opt
 
 
 @pytest.mark.parametrize("mode", ["forward_backward", "latent"])
