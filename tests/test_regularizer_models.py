@@ -204,6 +204,11 @@ def test_predicates_lists_pairs_and_frozen_parameters() -> None:
         frozen.add_weight("conv", "l2", trainable_only=True)
     with pytest.raises(ValueError, match="Close parameter names"):
         frozen.add_weight("head", "l1", exclude="haed")  # a typo in exclude= is not ignored
+    # Without the flag a frozen parameter gets a term, and the prox refuses it with the advice.
+    frozen.add_weight("conv", "l2")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"conv\.weight \(frozen\).*trainable_only=True"):
+        sc.ProximalOptimizer(torch.optim.SGD(trainable, lr=0.1), frozen)
 
 
 def test_empty_exclusion_result_and_bad_types() -> None:

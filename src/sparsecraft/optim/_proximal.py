@@ -128,7 +128,7 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                 continue
             p = t.target
             if p not in owned:
-                missing.append(t.where)
+                missing.append(t.where if p.requires_grad else f"{t.where} (frozen)")
                 continue
             if not p.requires_grad:
                 raise ValueError(
@@ -146,6 +146,8 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             raise ValueError(
                 f"Expected the regularizer's prox parameters to be in the optimizer. Received: {missing} "
                 f"are not in any of its param_groups"
+                + ("; leave frozen parameters out with add_weight(..., trainable_only=True)"
+                   if any(m.endswith("(frozen)") for m in missing) else "")
             )
         for t in terms.values():
             t.prox = True
