@@ -336,8 +336,8 @@ class Regularizer:
         space = self._space()
         if isinstance(module, str):
             for n, m in space.modules:
-                if n == module:
-                    return n, m
+                if n == module:  # named by its first name (a Keras layer: its path)
+                    return space.module_name(m) or n, m
             close = difflib.get_close_matches(module, [n for n, _ in space.modules if n], n=5)
             raise ValueError(f"Expected a module name of the model. Received: {module!r}. Close names: {close}")
         if not isinstance(module, nn.Module):
@@ -348,7 +348,8 @@ class Regularizer:
                 f"Expected a {type(module).__name__} that belongs to the regularizer's model. "
                 f"Received: one that is not among its {len(space.modules)} entries"
             )
-        return name or getattr(module, "name", None) or type(module).__name__, module
+        keras_name = getattr(module, "name", None) if self.model is None else None
+        return name or (keras_name if isinstance(keras_name, str) else None) or type(module).__name__, module
 
 
 def _same_penalty(a: Any, b: Any) -> bool:
