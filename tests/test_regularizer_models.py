@@ -216,6 +216,8 @@ def test_empty_exclusion_result_and_bad_types() -> None:
     reg = Regularizer(model)
     with pytest.raises(ValueError, match=r"none left after exclude="):
         reg.add_weight(nn.Linear, "l1", exclude=nn.Module)  # every module: nothing left
+    with pytest.raises(ValueError, match=r"which matches no parameter of the model"):
+        reg.add_weight(lambda name, p: p.ndim > 4, "l1")
     with pytest.raises(TypeError, match="trainable_only"):
         reg.add_weight(nn.Linear, "l1", trainable_only="yes")
     with pytest.raises(TypeError, match="predicate"):

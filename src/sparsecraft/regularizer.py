@@ -120,10 +120,11 @@ class Regularizer:
         if trainable_only:
             chosen = [(n, p) for n, p in chosen if p.requires_grad]
         if not chosen:
+            why = (f"matches {len(unique)} parameter(s), none left after exclude={exclude!r}"
+                   + (f" and trainable_only=True (frozen: {frozen})" if trainable_only else "")
+                   if unique else "matches no parameter of the model")
             raise ValueError(
-                f"Expected a selection that leaves parameters to penalise. Received: {selector!r} "
-                f"matches {len(unique)} parameter(s), none left after exclude={exclude!r}"
-                + (f" and trainable_only=True (frozen: {frozen})" if trainable_only else "")
+                f"Expected a selection that leaves parameters to penalise. Received: {selector!r}, which {why}"
             )
         existing = {id(t.target): t for t in self._terms if t.kind == "weight"}
         clashes = [
