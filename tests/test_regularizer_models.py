@@ -331,6 +331,8 @@ def test_keras_layers_and_variables_give_keras_losses(keras) -> None:
     assert _where(names.add_weight("d2", "l1")) == ["sequential/d2/kernel"]
     assert _where(names.add_weight(keras.layers.Dense, "l1", exclude="d2")) == ["sequential/d1/kernel"]
     assert _where(names.add_weight("*/bias", "l2")) == ["sequential/d1/bias", "sequential/d2/bias"]
+    assert _where(Regularizer(model).add_weight(select.matrices(), "l1")) == [
+        "sequential/d1/kernel", "sequential/d2/kernel"]
     assert names.add_activity("d2", "l1").where == "sequential/d2"  # by name, shown by path
     with pytest.raises(TypeError, match="a Keras model"):
         sc.ActivationMonitor(model)
