@@ -11,6 +11,8 @@ ask for before it builds anything, and refuses beyond these limits with a
 * ``MAX_VALUES``: JSON values (numbers, strings, lists, ...) in the structure;
 * ``MAX_NODES`` / ``MAX_MODULES``: graph nodes, layers and containers;
 * ``MAX_LITERAL``: elements of one literal list or tuple in a graph argument;
+* ``MAX_ARGUMENTS``: literal elements in all graph arguments together (code
+  generation in ``torch.fx`` costs about 10 µs and 1 kB per element);
 * ``MAX_STRING``: characters of one string (names, targets, settings).
 """
 
@@ -25,10 +27,11 @@ from typing import Any
 
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_DEPTH = 64
-MAX_VALUES = 500_000
-MAX_NODES = 20_000
+MAX_VALUES = 250_000
+MAX_NODES = 10_000
 MAX_MODULES = 10_000
 MAX_LITERAL = 1_024
+MAX_ARGUMENTS = 100_000
 MAX_STRING = 1_024
 
 
@@ -104,22 +107,32 @@ def parse_structure(header: str) -> Any:
         raise invalid(f"a structure nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as err:
         raise invalid(f"a structure header that is not JSON ({err})") from err
-    stack, count = [(structure, 1)], 0
+    count, stack = 1, [(structure, 1)]
     while stack:  # iterative, so that a deep document cannot exhaust the Python stack
         value, depth = stack.pop()
-        count += 1
-        if depth > MAX_DEPTH:
-            raise invalid(f"a structure nested deeper than {MAX_DEPTH} levels")
+        if type(value) is dict:
+            children = [*value, *value.values()]  # keys are strings to check too
+        elif type(value) is list:
+            children = value
+        else:
+            _check_string(value)
+            continue
+        count += len(children)
         if count > MAX_VALUES:
             raise invalid(f"a structure of more than {MAX_VALUES} values")
-        if isinstance(value, str) and len(value) > MAX_STRING:
-            raise invalid(f"a string of {len(value)} characters (the limit is {MAX_STRING})")
-        if isinstance(value, dict):
-            stack.extend((k, depth + 1) for k in value)
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth >= MAX_DEPTH:
+                    raise invalid(f"a structure nested deeper than {MAX_DEPTH} levels")
+                stack.append((child, depth + 1))
+            elif type(child) is str and len(child) > MAX_STRING:
+                _check_string(child)
     return structure
+
+
+def _check_string(value: Any) -> None:
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise invalid(f"a string of {len(value)} characters (the limit is {MAX_STRING})")
 
 
 def check_count(what: str, n: int, limit: int) -> None:

@@ -2,9 +2,10 @@
 
 Saving traces ``forward`` with every parameter as a graph input, its default
 kept (``def forward(self, x, scale=3.0)`` loads with ``scale=3.0`` and still
-accepts another value). Only when ``torch.fx`` cannot trace a parameter as an
-input (a ``None``/``bool`` flag tested in an ``if``) is it fixed at its
-default; the loaded model then refuses another value for it.
+accepts another value). A parameter whose default is ``None`` is fixed at
+``None`` (``torch.fx`` cannot see an ``if mask is None`` on an input), and so is
+a ``bool`` flag that ``torch.fx`` cannot branch on; the loaded model then
+refuses another value for it with an error.
 
 Rebuilding only creates nodes whose function, method or module comes from a
 fixed table, and every name that reaches ``torch.fx`` code generation (node
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from sparsecraft.export._format import (
+    MAX_ARGUMENTS,
     MAX_LITERAL,
     MAX_MODULES,
     MAX_NODES,
@@ -83,11 +85,14 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             raise _unsupported(f"a forward with *args/**kwargs (parameter {name!r} of "
                                f"{type(model).__name__}.forward)")
     defaults = {n: p.default for n, p in signature.parameters.items() if p.default is not p.empty}
+    # ``mask is None`` on a traced input is always False, silently: a None default is
+    # always fixed (fx then asserts at call time that it is still None)
+    nones = {n: v for n, v in defaults.items() if v is None}
     flags = {n: v for n, v in defaults.items() if v is None or isinstance(v, bool)}
     leaf_types = tuple(cls for cls, _ in LAYERS.values())
     error: Exception | None = None
-    # keep every parameter an input; else fix the flags that fx cannot branch on; else all
-    for concrete in ({}, flags, defaults):
+    # keep the other parameters inputs; else fix the flags fx cannot branch on; else all
+    for concrete in (nones, flags, defaults):
         try:
             graph = _Tracer(set(), leaf_types).trace(model, concrete_args=concrete or None)
             return fx.GraphModule(model, graph)
@@ -165,19 +170,24 @@ def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, nn.Module], di
 
 
 # ---------------------------------------------------------------------------- rebuild
-def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
-    if isinstance(value, list):
-        check_count("elements in one literal list", len(value), MAX_LITERAL)
-        return [_decode(v, nodes) for v in value]
+def _decode(value: Any, nodes: dict[str, fx.Node], budget: list[int]) -> Any:
+    """Rebuilds an argument; ``budget[0]`` counts down the literal elements still allowed."""
+    if isinstance(value, list) or isinstance(value, dict) and set(value) == {"tuple"}:
+        items = value if isinstance(value, list) else value["tuple"]
+        if not isinstance(items, list):
+            raise invalid(f"graph argument {value!r:.200}")
+        check_count("elements in one literal list or tuple", len(items), MAX_LITERAL)
+        budget[0] -= len(items)
+        if budget[0] < 0:
+            raise invalid(f"graph arguments of more than {MAX_ARGUMENTS} literal elements")
+        decoded = [_decode(v, nodes, budget) for v in items]
+        return decoded if isinstance(value, list) else tuple(decoded)
     if isinstance(value, dict):
         (key, item), = value.items() if len(value) == 1 else ((None, None),)
         if key == "node" and isinstance(item, str) and item in nodes:
             return nodes[item]
-        if key == "tuple" and isinstance(item, list):
-            check_count("elements in one literal tuple", len(item), MAX_LITERAL)
-            return tuple(_decode(v, nodes) for v in item)
         if key == "slice" and isinstance(item, list) and len(item) == 3:
-            return slice(*(_decode(v, nodes) for v in item))
+            return slice(*(_decode(v, nodes, budget) for v in item))
         if key == "ellipsis" and item is None:
             return Ellipsis
         if key == "dtype" and item in DTYPES:
@@ -221,7 +231,7 @@ def build(structure: dict[str, Any], root: nn.Module) -> fx.GraphModule:
         raise invalid("graph structure without nodes")
     check_count("graph nodes", len(records), MAX_NODES)
     modules = structure["modules"]
-    graph, nodes, placeholders = fx.Graph(), {}, set()
+    graph, nodes, placeholders, budget = fx.Graph(), {}, set(), [MAX_ARGUMENTS]
     for rec in records:
         if not isinstance(rec, dict) or set(rec) != {"name", "op", "target", "args", "kwargs"}:
             raise invalid(f"graph node {rec!r:.200}")
@@ -232,7 +242,7 @@ def build(structure: dict[str, Any], root: nn.Module) -> fx.GraphModule:
         kwargs = rec["kwargs"]
         if not isinstance(kwargs, dict) or not all(is_name(k) for k in kwargs):
             raise invalid(f"keyword arguments of node {name!r}")
-        args = _decode(rec["args"], nodes)
+        args = _decode(rec["args"], nodes, budget)
         if not isinstance(args, tuple):
             raise invalid(f"arguments of node {name!r}")
         if rec["op"] == "placeholder" and (kwargs or len(args) > 1 or any(
@@ -241,15 +251,16 @@ def build(structure: dict[str, Any], root: nn.Module) -> fx.GraphModule:
         if target is builtins.getattr and (len(args) != 2 or args[1] not in ATTRIBUTES):
             raise invalid(f"getattr node {name!r} reading {args[1:]!r:.100}")
         nodes[name] = graph.create_node(rec["op"], target, args,
-                                        {k: _decode(v, nodes) for k, v in kwargs.items()}, name)
+                                        {k: _decode(v, nodes, budget) for k, v in kwargs.items()}, name)
     if records[-1]["op"] != "output" or sum(r["op"] == "output" for r in records) != 1:
         raise invalid("graph without exactly one output node at the end")
     graph.lint()
+    gm = fx.GraphModule(root, graph)  # generates forward's code; nothing of it runs here
     # a placeholder named like a global of the generated code ("torch") would shadow it
-    clash = placeholders & set(graph.python_code("self").globals)
+    clash = placeholders & set(type(gm).forward.__globals__)
     if clash:
         raise invalid(f"placeholder names {sorted(clash)} that shadow names of the generated code")
-    return fx.GraphModule(root, graph)
+    return gm
 
 
 def check_modules(modules: Any) -> None:

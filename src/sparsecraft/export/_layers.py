@@ -194,6 +194,8 @@ def build_layer(spec: Any, where: str, own: dict[str, torch.Tensor],
     if cls is nn.TransformerEncoderLayer and config["activation"] not in _ACTIVATIONS:
         raise invalid(f"TransformerEncoderLayer activation {config['activation']!r:.50}")
     with torch.device("meta"):  # sizes come from the file's tensors, never allocated blindly
+        if cls is nn.Embedding:  # normal_ on meta imports torch._dynamo (seconds): give a weight
+            config["_weight"] = torch.empty(config["num_embeddings"], config["embedding_dim"])
         module = cls(**config)
     module.load_state_dict(own, strict=True, assign=True)
     if isinstance(module, nn.RNNBase):
