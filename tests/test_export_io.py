@@ -218,6 +218,21 @@ def test_load_refuses_a_placeholder_that_breaks_generated_code(tmp_path, target)
         load(path)
 
 
+@pytest.mark.parametrize("node", [
+    {"name": "g", "op": "call_function", "target": "getattr",
+     "args": {"tuple": [{"node": "x"}, "__class__"]}, "kwargs": {}},
+    {"name": "s", "op": "call_method", "target": "sum", "args": {"tuple": [{"node": "x"}]},
+     "kwargs": {"lambda": 1}},
+    {"name": "class", "op": "call_method", "target": "sum",
+     "args": {"tuple": [{"node": "x"}]}, "kwargs": {}},
+])
+def test_load_refuses_nodes_that_would_reach_outside_the_tables(tmp_path, node):
+    path = tmp_path / "node.safetensors"
+    _write_crafted(path, _graph([_placeholder("x"), node, _output({"node": "x"})]), {})
+    with pytest.raises(ValueError, match="Expected a valid sparsecraft model file"):
+        load(path)
+
+
 def test_load_refuses_duplicate_placeholders(tmp_path):
     path = tmp_path / "dup.safetensors"
     nodes = [_placeholder("x"), _placeholder("y", "x"), _output({"node": "y"})]
