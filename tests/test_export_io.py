@@ -5,6 +5,7 @@ Regression tests for issue 10 (items 1, 4, 7, 9, 12) and issue 11 (item 8).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import stat
@@ -396,13 +397,15 @@ def test_save_load_multihead_attention(tmp_path):
 class _TinyLM(nn.Module):
     """A small causal transformer with tied input/output embeddings."""
 
-    def __init__(self, vocab: int = 32, d: int = 32, context: int = 16) -> None:
+    def __init__(self, stack: bool, vocab: int = 32, d: int = 32, context: int = 16) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(context, d)
-        self.blocks = nn.ModuleList([
-            nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True) for _ in range(2)])
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = (
+            nn.TransformerEncoder(layer, 2, nn.LayerNorm(d), enable_nested_tensor=False)
+            if stack else nn.ModuleList([layer, copy.deepcopy(layer)]))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.emb.weight
@@ -411,14 +414,18 @@ class _TinyLM(nn.Module):
         t = idx.size(1)
         h = self.emb(idx) + self.pos(torch.arange(t, device=idx.device))
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=idx.device)
-        for block in self.blocks:
-            h = block(h, src_mask=mask, is_causal=True)
+        if isinstance(self.blocks, nn.TransformerEncoder):
+            h = self.blocks(h, mask=mask, is_causal=True)
+        else:
+            for block in self.blocks:
+                h = block(h, src_mask=mask, is_causal=True)
         return self.head(self.norm(h))
 
 
-def test_save_load_causal_transformer_with_tied_embeddings(tmp_path):
+@pytest.mark.parametrize("stack", [False, True], ids=["layers", "encoder"])
+def test_save_load_causal_transformer_with_tied_embeddings(tmp_path, stack):
     torch.manual_seed(8)
-    model = _TinyLM().eval()
+    model = _TinyLM(stack).eval()
     path = tmp_path / "lm.safetensors"
     save(model, path)
     loaded = load(path)
@@ -481,10 +488,15 @@ def test_transformer_encoder_layer_with_relu_in_a_sequential(tmp_path):
     assert loaded[0].dropout.p == 0.1 and loaded[0].dropout1.p == 0.1
 
 
-def test_save_refuses_a_custom_encoder_activation(tmp_path):
+def test_save_refuses_a_custom_encoder_activation_or_norm(tmp_path):
     layer = nn.TransformerEncoderLayer(8, 2, 16, activation=torch.tanh)
     with pytest.raises(TypeError, match="activation"):
         save(nn.Sequential(layer), tmp_path / "act.safetensors")
+    stack = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, norm=nn.Identity(),
+                                  enable_nested_tensor=False)
+    with pytest.raises(TypeError, match="norm"):
+        save(nn.Sequential(stack), tmp_path / "norm.safetensors")
+    assert not os.listdir(tmp_path)
 
 
 def test_save_load_free_tensors_read_in_forward(tmp_path):

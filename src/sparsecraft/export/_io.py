@@ -185,7 +185,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     Supported layers (``LAYERS``): Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d,
     LayerNorm, the common activations, Dropout, Flatten, pooling, Embedding,
     LSTM, GRU, MultiheadAttention, TransformerEncoderLayer (activation "relu"
-    or "gelu") and :class:`SparseLinear` (stored as CSR).
+    or "gelu"), TransformerEncoder (identical layers, optional LayerNorm) and
+    :class:`SparseLinear` (stored as CSR).
 
     The file is written to a temporary file in the same folder and renamed
     over ``path``: a failed save leaves an existing file unchanged and no

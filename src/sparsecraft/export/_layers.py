@@ -12,6 +12,7 @@ that the file loads as an ordinary layer with the same outputs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,12 @@ LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
     "LSTM": (nn.LSTM, (*_RNN, "proj_size")), "GRU": (nn.GRU, _RNN),
     "MultiheadAttention": (nn.MultiheadAttention, _MHA),
     "TransformerEncoderLayer": (nn.TransformerEncoderLayer, _ENCODER),
+    "TransformerEncoder": (nn.TransformerEncoder, ("encoder_layer", "num_layers", "norm",
+                                                   "enable_nested_tensor", "mask_check")),
 }  # fmt: skip
+# settings that are layers themselves: setting -> the layer types allowed there
+_NESTED = {("TransformerEncoder", "encoder_layer"): ("TransformerEncoderLayer",),
+           ("TransformerEncoder", "norm"): ("LayerNorm",)}
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
@@ -75,7 +81,17 @@ def _encoder_activation(layer: nn.TransformerEncoderLayer) -> str:
                        "strings 'relu' and 'gelu' can be saved)")
 
 
+def _stacked_layer(stack: nn.TransformerEncoder) -> dict[str, Any]:
+    specs = [layer_spec(layer, f"layers.{i}") for i, layer in enumerate(stack.layers)]
+    if any(spec != specs[0] for spec in specs):
+        raise _unsupported("a TransformerEncoder whose layers differ in their settings")
+    return specs[0]
+
+
 _GETTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("TransformerEncoder", "encoder_layer"): _stacked_layer,
+    ("TransformerEncoder", "norm"): lambda m: None if m.norm is None else layer_spec(m.norm,
+                                                                                     "norm"),
     ("MultiheadAttention", "bias"): lambda m: m.in_proj_bias is not None,
     ("MultiheadAttention", "add_bias_kv"): lambda m: m.bias_k is not None,
     ("TransformerEncoderLayer", "d_model"): lambda m: m.self_attn.embed_dim,
@@ -128,12 +144,19 @@ def layer_spec(module: nn.Module, where: str) -> dict[str, Any]:
         else:
             value = getattr(module, attr)
             config[attr] = value is not None if attr == "bias" else value
+    for (owner, setting), allowed in _NESTED.items():
+        nested = config.get(setting) if owner == name else None
+        if nested is not None and nested["type"] not in allowed:
+            raise _unsupported(f"{setting} of {where or '<root>'!r} of type {nested['type']} "
+                               f"(expected {', '.join(allowed)})")
     return {"type": name, "config": {k: _jsonable(v) for k, v in config.items()}}
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):  # the spec of a nested layer
+        return {k: _jsonable(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise _unsupported(f"a layer setting {value!r} of type {type(value).__name__}")
@@ -178,12 +201,9 @@ def build_layer(spec: Any, where: str, own: dict[str, torch.Tensor],
     """
     if not isinstance(spec, dict) or set(spec) != {"type", "config"} or spec["type"] not in LAYERS:
         raise invalid(f"layer spec {spec!r:.200} at {where or '<root>'!r}")
-    cls, fields = LAYERS[spec["type"]]
-    config = spec["config"]
-    if not isinstance(config, dict) or set(config) != set(fields):
-        raise invalid(f"settings {config!r:.200} for {spec['type']}")
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    cls = LAYERS[spec["type"]][0]
     if cls is SparseLinear:
+        config = _settings(spec, invalid)
         if config["kernel"] not in KERNELS or set(own) != (
             {"crow_indices", "col_indices", "values"} | ({"bias"} if config["bias"] else set())
         ):
@@ -191,13 +211,38 @@ def build_layer(spec: Any, where: str, own: dict[str, torch.Tensor],
         return SparseLinear.from_csr(
             own["crow_indices"], own["col_indices"], own["values"],
             (config["out_features"], config["in_features"]), own.get("bias"), config["kernel"])
-    if cls is nn.TransformerEncoderLayer and config["activation"] not in _ACTIVATIONS:
-        raise invalid(f"TransformerEncoderLayer activation {config['activation']!r:.50}")
-    with torch.device("meta"):  # sizes come from the file's tensors, never allocated blindly
-        if cls is nn.Embedding:  # normal_ on meta imports torch._dynamo (seconds): give a weight
-            config["_weight"] = torch.empty(config["num_embeddings"], config["embedding_dim"])
-        module = cls(**config)
+    with torch.device("meta"), warnings.catch_warnings():
+        # meta: sizes come from the file's tensors, never allocated blindly; the warnings
+        # of construction (TransformerEncoder's nested-tensor note) were shown at training
+        warnings.simplefilter("ignore")
+        module = _instantiate(spec, invalid)
     module.load_state_dict(own, strict=True, assign=True)
     if isinstance(module, nn.RNNBase):
         module.flatten_parameters()
     return module
+
+
+def _settings(spec: dict[str, Any], invalid: Callable[[str], ValueError]) -> dict[str, Any]:
+    fields = LAYERS[spec["type"]][1]
+    config = spec["config"]
+    if not isinstance(config, dict) or set(config) != set(fields):
+        raise invalid(f"settings {config!r:.200} for {spec['type']}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _instantiate(spec: Any, invalid: Callable[[str], ValueError]) -> nn.Module:
+    """Constructs a layer (on the current default device) from its validated description."""
+    name = spec["type"]
+    config = _settings(spec, invalid)
+    for (owner, setting), allowed in _NESTED.items():
+        if owner == name and config[setting] is not None:
+            nested = config[setting]
+            if not isinstance(nested, dict) or set(nested) != {"type", "config"} \
+                    or nested["type"] not in allowed:
+                raise invalid(f"{setting} {nested!r:.200} of {name}")
+            config[setting] = _instantiate(nested, invalid)
+    if name == "TransformerEncoderLayer" and config["activation"] not in _ACTIVATIONS:
+        raise invalid(f"TransformerEncoderLayer activation {config['activation']!r:.50}")
+    if name == "Embedding":  # normal_ on meta imports torch._dynamo (seconds): give a weight
+        config["_weight"] = torch.empty(config["num_embeddings"], config["embedding_dim"])
+    return LAYERS[name][0](**config)
