@@ -516,3 +516,22 @@ def test_save_load_free_tensors_read_in_forward(tmp_path):
     x = torch.randn(3, 4)
     assert torch.equal(loaded(x), model(x))
     assert isinstance(loaded.scale, nn.Parameter) and not isinstance(loaded.mask, nn.Parameter)
+
+
+def test_save_load_graph_with_dtypes_slices_constants_and_attention(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x).to(torch.float64)[..., :3]
+            z = torch.zeros(2, 3, dtype=torch.float64)  # a constant: stored as a tensor
+            att = F.scaled_dot_product_attention(h[None], h[None], h[None], is_causal=True)
+            return (h + z.sum() + att[0]).masked_fill(h > 0.5, float("-inf")) @ h.t()
+
+    torch.manual_seed(13)
+    model = Net().eval()
+    loaded = _round_trip(model, tmp_path)
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), model(x))
