@@ -9,7 +9,7 @@ import copy
 import json
 import os
 import stat
-import time
+import threading
 
 import pytest
 import torch
@@ -130,11 +130,10 @@ def test_save_folds_a_parametrized_layer(tmp_path):
 
 
 # ---------------------------------------------------------------------------- limits
-def _assert_refused_quickly(path, match: str) -> None:
-    start = time.perf_counter()
+def _assert_refused(path, match: str) -> None:
+    """Refused with the documented error (speed is measured in docs/export.md, not asserted)."""
     with pytest.raises(ValueError, match=match):
         load(path)
-    assert time.perf_counter() - start < 5.0  # generous: guards against a minutes-long load
 
 
 def test_load_refuses_a_header_over_the_byte_limit(tmp_path):
@@ -142,7 +141,7 @@ def test_load_refuses_a_header_over_the_byte_limit(tmp_path):
     structure = json.dumps({"kind": "tree", "root": {"type": "Identity", "config": {}},
                             "pad": "x" * (MAX_HEADER_BYTES + 1)})
     _write_crafted(path, structure, {})
-    _assert_refused_quickly(path, "header of")
+    _assert_refused(path, "header of")
 
 
 def test_load_refuses_a_long_literal_list_in_a_graph_argument(tmp_path):
@@ -151,7 +150,7 @@ def test_load_refuses_a_long_literal_list_in_a_graph_argument(tmp_path):
                                  "args": {"tuple": [{"node": "x"}, list(range(MAX_LITERAL + 1))]},
                                  "kwargs": {}}, _output({"node": "v"})]
     _write_crafted(path, _graph(nodes), {})
-    _assert_refused_quickly(path, "literal list")
+    _assert_refused(path, "literal list")
 
 
 def test_load_refuses_more_literal_elements_in_all_arguments_than_the_limit(tmp_path):
@@ -162,7 +161,7 @@ def test_load_refuses_more_literal_elements_in_all_arguments_than_the_limit(tmp_
          "args": {"tuple": [{"node": "x"}, [1] * MAX_LITERAL]}, "kwargs": {}} for i in range(n)
     ] + [_output({"node": "x"})]
     _write_crafted(path, _graph(nodes), {})
-    _assert_refused_quickly(path, "literal elements")
+    _assert_refused(path, "literal elements")
 
 
 def test_load_refuses_more_values_than_the_limit(tmp_path):
@@ -170,7 +169,7 @@ def test_load_refuses_more_values_than_the_limit(tmp_path):
     many = [[0] * MAX_LITERAL for _ in range(MAX_VALUES // MAX_LITERAL + 1)]
     nodes = [_placeholder("x"), _output({"tuple": many})]
     _write_crafted(path, _graph(nodes), {})
-    _assert_refused_quickly(path, "values")
+    _assert_refused(path, "values")
 
 
 def test_load_refuses_more_nodes_than_the_limit(tmp_path):
@@ -180,14 +179,14 @@ def test_load_refuses_more_nodes_than_the_limit(tmp_path):
          "args": {"tuple": [{"node": "x"}]}, "kwargs": {}} for i in range(MAX_NODES)
     ] + [_output({"node": "x"})]
     _write_crafted(path, _graph(nodes), {})
-    _assert_refused_quickly(path, "graph nodes")
+    _assert_refused(path, "graph nodes")
 
 
 def test_load_refuses_a_long_string(tmp_path):
     path = tmp_path / "string.safetensors"
     nodes = [_placeholder("x"), _output("s" * (MAX_STRING + 1))]
     _write_crafted(path, _graph(nodes), {})
-    _assert_refused_quickly(path, "string of")
+    _assert_refused(path, "string of")
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 100_000])
@@ -196,7 +195,7 @@ def test_load_refuses_deep_json_with_value_error(tmp_path, depth):
     deep = "[" * depth + "]" * depth
     header = '{"kind": "graph", "modules": {}, "nodes": [' + deep + "]}"
     _write_crafted(path, header, {})
-    _assert_refused_quickly(path, "nested deeper")
+    _assert_refused(path, "nested deeper")
 
 
 # ---------------------------------------------------------------------------- crafted files
@@ -257,7 +256,22 @@ def test_load_refuses_module_paths_that_are_not_plain_names(tmp_path, module_pat
 def test_load_refuses_a_fifo_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
-    _assert_refused_quickly(fifo, "regular file")
+    errors = []
+
+    def run():
+        try:
+            load(fifo)
+        except Exception as err:  # collected for the main thread
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)  # a hang guard: opening a FIFO for reading blocks until a writer comes
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # releases the blocked reader
+        pytest.fail("load blocked on a FIFO")
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert "regular file" in str(errors[0])
 
 
 def test_load_refuses_a_directory(tmp_path):
