@@ -326,6 +326,19 @@ def test_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+def test_failed_write_raises_oserror_naming_the_path_and_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+
+    def disk_full(tensors, filename, metadata=None):
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(io_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left") as info:
+        save(nn.Sequential(nn.Linear(2, 2)), path)
+    assert info.value.filename == str(path) and ".tmp" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_into_a_missing_folder_names_the_path(tmp_path):
     path = tmp_path / "missing" / "m.safetensors"
     with pytest.raises(FileNotFoundError, match="missing/m.safetensors"):

@@ -91,11 +91,10 @@ def _collect(layers: dict[str, nn.Module], free: dict[str, torch.Tensor]
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first: dict[int, str] = {}
-    alive = []  # keeps folded tensors alive so that no id() is reused while collecting
+    # ``named`` holds every tensor (folded ones too) until the end: no id() is reused meanwhile
     named = [(f"{p}.{k}" if p else k, t) for p, m in layers.items()
              for k, t in layer_state(m).items()] + list(free.items())
     for key, t in named:
-        alive.append(t)
         if id(t) in first:
             aliases[key] = first[id(t)]
         else:
@@ -155,15 +154,17 @@ def _write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[st
             os.close(fd)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException as err:
+    except BaseException as err:  # a KeyboardInterrupt too: never leave the temporary file
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"Expected to write the model file. Received: path={path!r} "
-                          f"({err.strerror or err})", path) from None
-        raise
+        if not isinstance(err, Exception):
+            raise
+        # OSError or safetensors' SafetensorError (disk full, ...): named after the user's path
+        reason = (getattr(err, "strerror", None) or str(err)).replace(tmp, path)
+        raise OSError(getattr(err, "errno", None) or errno.EIO, "Expected to write the model "
+                      f"file. Received: path={path!r} ({reason})", path) from None
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
