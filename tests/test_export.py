@@ -587,9 +587,9 @@ def test_save_refuses_unsupported_model_and_writes_nothing(tmp_path):
             self.fc = nn.Linear(3, 3)
 
         def forward(self, x):
-            return self.fc(x) * self.scale
+            return torch.einsum("ij,j->ij", self.fc(x), self.scale)
 
-    for model in (Scaled(), nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2))):
+    for model in (Scaled(), nn.Sequential(nn.Linear(2, 2), nn.Bilinear(2, 2, 2))):
         path = tmp_path / "no.safetensors"
         with pytest.raises(TypeError, match="Expected a model made of"):
             save(model, path)
@@ -644,7 +644,10 @@ _LAYER_CASES = {
 def test_every_supported_layer_has_a_round_trip_case():
     from sparsecraft.export._io import LAYERS
 
-    assert set(_LAYER_CASES) == set(LAYERS)
+    # layers that take several inputs or return tuples are round-tripped in test_export_io.py
+    multi = {"Embedding", "LSTM", "GRU", "MultiheadAttention", "TransformerEncoderLayer",
+             "TransformerEncoder"}
+    assert set(_LAYER_CASES) == set(LAYERS) - multi
 
 
 @pytest.mark.parametrize("name", sorted(_LAYER_CASES))

@@ -2,188 +2,105 @@
 
 File layout (one ``.safetensors`` file):
 
-* tensors: the ``state_dict`` entries of every layer under its qualified name
-  (``"0.weight"``, ``"block.conv1.bias"``); a :class:`SparseLinear` stores its
-  CSR components ``crow_indices``, ``col_indices`` (int32) and ``values``, so
-  its size grows with the number of non-zeros, not with the dense shape;
+* tensors: each distinct tensor of the model's layers once, under the first
+  qualified name that reaches it (``"0.weight"``, ``"block.conv1.bias"``); a
+  :class:`SparseLinear` stores its CSR components ``crow_indices``,
+  ``col_indices`` (int32) and ``values``, so its size grows with the number of
+  non-zeros, not with the dense shape;
 * metadata ``sparsecraft.structure``: JSON describing how to rebuild the model
-  from an allowlist of layer types, either a tree of ``nn.Sequential`` or a
-  ``torch.fx`` graph of allowlisted layers, functions and tensor methods;
+  from an allowlist of layer types (``_layers``), either a tree of
+  ``nn.Sequential`` (a module used twice appears once, then as ``{"ref": path}``)
+  or a ``torch.fx`` graph of allowlisted layers, functions and tensor methods
+  (``_io_graph``); ``aliases`` maps every other name of a tied tensor
+  (``head.weight`` tied to ``emb.weight``) to its stored name;
 * metadata ``sparsecraft.sha256``: SHA-256 over the structure and every tensor
   (name, dtype, shape, bytes). A mismatch refuses the whole file.
 
 Loading never executes code from the file: no pickle; layer types, functions
-and methods are looked up in fixed tables; every name that reaches
-``torch.fx`` code generation is checked to be a plain identifier first.
+and methods are looked up in fixed tables; every name that reaches ``torch.fx``
+code generation is checked to be a plain identifier first; what a header may
+ask for is bounded (``_format``). Saving writes a temporary file next to the
+target and renames it over the target, so a failed save leaves the old file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import operator
 import os
-import re
+import stat
+import tempfile
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import fx, nn
+from torch import nn
 
-from sparsecraft.export._sparse import KERNELS, SparseLinear
-from sparsecraft.export._trace import trace
+from sparsecraft.export import _io_graph
+from sparsecraft.export._format import (
+    MAX_MODULES,
+    check_count,
+    check_header_size,
+    check_regular_file,
+    invalid,
+    is_path,
+    parse_structure,
+)
+from sparsecraft.export._layers import LAYERS, build_layer, layer_spec, layer_state, layer_type
 
 FORMAT_VERSION = "1"
-_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-         "groups", "bias", "padding_mode")
-_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_POOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
-_AVG1 = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-_AVG = (*_AVG1, "divisor_override")
-# type name -> (class, constructor arguments read from attributes of the same name)
-LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
-    "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
-    "Conv1d": (nn.Conv1d, _CONV), "Conv2d": (nn.Conv2d, _CONV), "Conv3d": (nn.Conv3d, _CONV),
-    "BatchNorm1d": (nn.BatchNorm1d, _NORM), "BatchNorm2d": (nn.BatchNorm2d, _NORM),
-    "BatchNorm3d": (nn.BatchNorm3d, _NORM),
-    "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine", "bias")),
-    "ReLU": (nn.ReLU, ("inplace",)), "ReLU6": (nn.ReLU6, ("inplace",)),
-    "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")),
-    "ELU": (nn.ELU, ("alpha", "inplace")), "SELU": (nn.SELU, ("inplace",)),
-    "GELU": (nn.GELU, ("approximate",)), "SiLU": (nn.SiLU, ("inplace",)),
-    "Mish": (nn.Mish, ("inplace",)), "Sigmoid": (nn.Sigmoid, ()), "Tanh": (nn.Tanh, ()),
-    "Hardtanh": (nn.Hardtanh, ("min_val", "max_val", "inplace")),
-    "Softplus": (nn.Softplus, ("beta", "threshold")), "Identity": (nn.Identity, ()),
-    "Softmax": (nn.Softmax, ("dim",)), "LogSoftmax": (nn.LogSoftmax, ("dim",)),
-    "Dropout": (nn.Dropout, ("p", "inplace")), "Dropout2d": (nn.Dropout2d, ("p", "inplace")),
-    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
-    "MaxPool1d": (nn.MaxPool1d, _POOL), "MaxPool2d": (nn.MaxPool2d, _POOL),
-    "AvgPool1d": (nn.AvgPool1d, _AVG1), "AvgPool2d": (nn.AvgPool2d, _AVG),
-    "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
-    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
-    "SparseLinear": (SparseLinear, ("in_features", "out_features", "bias", "kernel")),
-}  # fmt: skip
-FUNCTIONS: dict[str, Any] = {
-    "operator.add": operator.add, "operator.sub": operator.sub, "operator.mul": operator.mul,
-    "operator.truediv": operator.truediv, "operator.iadd": operator.iadd,
-    "operator.isub": operator.isub, "operator.imul": operator.imul,
-    "operator.getitem": operator.getitem, "operator.eq": operator.eq,
-    "torch.flatten": torch.flatten, "torch.relu": torch.relu, "torch.sigmoid": torch.sigmoid,
-    "torch.tanh": torch.tanh, "torch.add": torch.add, "torch.sub": torch.sub,
-    "torch.mul": torch.mul, "torch.cat": torch.cat, "torch.mean": torch.mean,
-    "torch.sum": torch.sum, "torch.softmax": torch.softmax, "torch.abs": torch.abs,
-    "torch._assert": torch._assert,
-    "torch.fx._symbolic_trace._assert_is_none": fx._symbolic_trace._assert_is_none,
-    "F.relu": F.relu, "F.relu6": F.relu6, "F.gelu": F.gelu, "F.silu": F.silu,
-    "F.leaky_relu": F.leaky_relu, "F.elu": F.elu, "F.sigmoid": F.sigmoid, "F.tanh": F.tanh,
-    "F.softmax": F.softmax, "F.log_softmax": F.log_softmax, "F.max_pool2d": F.max_pool2d,
-    "F.avg_pool2d": F.avg_pool2d, "F.adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-}  # fmt: skip
-METHODS = frozenset({
-    "relu", "relu_", "sigmoid", "tanh", "abs", "neg", "flatten", "view", "reshape", "size",
-    "dim", "add", "add_", "sub", "mul", "mul_", "div", "mean", "sum", "softmax",
-    "log_softmax", "contiguous", "permute", "transpose", "unsqueeze", "squeeze",
-})  # fmt: skip
-_FUNCTION_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")
-
-
-def _unsupported(what: str) -> TypeError:
-    return TypeError(
-        "Expected a model made of nn.Sequential containers or a torch.fx-traceable forward "
-        f"over supported layers ({', '.join(LAYERS)}), functions and tensor methods. "
-        f"Received: {what}"
-    )
+FUNCTIONS = _io_graph.FUNCTIONS
+METHODS = _io_graph.METHODS
+__all__ = ["FUNCTIONS", "LAYERS", "METHODS", "load", "save"]
 
 
 # ---------------------------------------------------------------------------- describe
-def _layer_spec(module: nn.Module, where: str) -> dict[str, Any]:
-    name = type(module).__name__
-    if name not in LAYERS or type(module) is not LAYERS[name][0]:
-        raise _unsupported(f"layer {where or '<root>'!r} of type {type(module).__name__}")
-    config = {}
-    for attr in LAYERS[name][1]:
-        value = getattr(module, attr)
-        config[attr] = value is not None if attr == "bias" else value
-    return {"type": name, "config": _jsonable(config)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise _unsupported(f"a layer setting {value!r} of type {type(value).__name__}")
-
-
-def _tree(module: nn.Module, where: str) -> dict[str, Any] | None:
+def _tree(module: nn.Module, where: str, seen: dict[int, str],
+          layers: dict[str, nn.Module]) -> dict[str, Any] | None:
+    if id(module) in seen:  # a module used twice: one object, two places
+        return {"ref": seen[id(module)]}
+    seen[id(module)] = where
     if type(module) is nn.Sequential:
         children = []
-        for name, child in module.named_children():
-            spec = _tree(child, f"{where}.{name}" if where else name)
+        for name, child in module._modules.items():  # named_children() skips repeats
+            spec = None if child is None else _tree(
+                child, f"{where}.{name}" if where else name, seen, layers)
             if spec is None:
                 return None
             children.append([name, spec])
         return {"type": "Sequential", "children": children}
-    if type(module).__name__ in LAYERS and type(module) is LAYERS[type(module).__name__][0]:
-        return _layer_spec(module, where)
+    if layer_type(module) is not None:
+        layers[where] = module
+        return layer_spec(module, where)
     return None
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    if isinstance(value, slice):
-        return {"slice": [_encode(value.start), _encode(value.stop), _encode(value.step)]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise _unsupported(f"a graph argument {value!r} of type {type(value).__name__}")
-
-
-def _graph(model: nn.Module) -> tuple[dict[str, Any], dict[str, nn.Module]]:
-    leaf_types = tuple(cls for cls, _ in LAYERS.values())
-    try:
-        gm, _, opaque = trace(model, None, None, leaf_types)
-    except (RuntimeError, TypeError) as err:
-        raise _unsupported(f"{type(model).__name__}, which torch.fx cannot trace ({err})") from err
-    if opaque:
-        name, reason = next(iter(opaque.items()))
-        raise _unsupported(f"submodule {name!r}: {reason}")
-    modules, nodes = {}, []
-    for node in gm.graph.nodes:
-        target = node.target
-        if node.op == "call_module":
-            modules[target] = gm.get_submodule(target)
-        elif node.op == "call_function":
-            if id(target) not in _FUNCTION_NAMES:
-                raise _unsupported(f"function {getattr(target, '__name__', target)!r}")
-            target = _FUNCTION_NAMES[id(target)]
-        elif node.op == "call_method" and target not in METHODS:
-            raise _unsupported(f"tensor method {target!r}")
-        elif node.op == "get_attr":
-            raise _unsupported(f"a tensor attribute {target!r} read directly in forward")
-        nodes.append({"name": node.name, "op": node.op, "target": target,
-                      "args": _encode(node.args),
-                      "kwargs": {k: _encode(v) for k, v in node.kwargs.items()}})
-    specs = {name: _layer_spec(m, name) for name, m in modules.items()}
-    return {"kind": "graph", "modules": specs, "nodes": nodes}, modules
-
-
-def _describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, nn.Module]]:
-    spec = _tree(model, "")
+def _describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, nn.Module], dict]:
+    layers: dict[str, nn.Module] = {}
+    spec = _tree(model, "", {}, layers)
     if spec is not None:
-        leaves = {n: m for n, m in model.named_modules() if type(m) is not nn.Sequential}
-        return {"kind": "tree", "root": spec}, leaves
-    return _graph(model)
+        return {"kind": "tree", "root": spec}, layers, {}
+    return _io_graph.describe(model)
+
+
+def _collect(layers: dict[str, nn.Module], free: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every distinct tensor once (copied to the CPU), and the other names of tied ones."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    # ``named`` holds every tensor (folded ones too) until the end: no id() is reused meanwhile
+    named = [(f"{p}.{k}" if p else k, t) for p, m in layers.items()
+             for k, t in layer_state(m).items()] + list(free.items())
+    for key, t in named:
+        if id(t) in first:
+            aliases[key] = first[id(t)]
+        else:
+            first[id(t)] = key
+            tensors[key] = t.detach().cpu().contiguous().clone()
+    return tensors, aliases
 
 
 def _digest(structure: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -196,174 +113,231 @@ def _digest(structure: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _new_file_mode() -> int:
+    """0o666 minus the process umask: the mode ``open()`` gives a new file."""
+    try:  # reading the umask without changing it (Linux >= 4.7)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Writes a safetensors file to a temporary file beside ``path``, then renames it."""
+    target = os.path.realpath(path)  # through a symlink to the file it points to
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, f"Expected a file path. Received: path={path!r}, "
+                                "which is a directory", path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, "Expected an existing folder. Received: "
+                                f"path={path!r}, whose folder does not exist", path)
+    mode = stat.S_IMODE(os.stat(target).st_mode) if os.path.exists(target) else _new_file_mode()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
+                                   dir=folder)
+    except OSError as err:  # named after the user's path, not the hidden temporary one
+        raise OSError(err.errno, f"Expected a writable folder. Received: path={path!r} "
+                      f"({err.strerror})", path) from None
+    try:
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as err:  # a KeyboardInterrupt too: never leave the temporary file
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if not isinstance(err, Exception):
+            raise
+        # OSError or safetensors' SafetensorError (disk full, ...): named after the user's path
+        reason = (getattr(err, "strerror", None) or str(err)).replace(tmp, path)
+        raise OSError(getattr(err, "errno", None) or errno.EIO, "Expected to write the model "
+                      f"file. Received: path={path!r} ({reason})", path) from None
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves ``model`` as one safetensors file: weights, structure and checksum.
 
     Supported structures: an ``nn.Sequential`` tree (nested Sequentials of
     supported layers, rebuilt as ``nn.Sequential``), or any module whose
     forward ``torch.fx`` can trace into supported layers, the functions in
-    ``FUNCTIONS`` and the tensor methods in ``METHODS`` (residual blocks,
-    models returned by :func:`compact`; rebuilt as a ``torch.fx.GraphModule``
-    with the same submodule names and outputs). Forward parameters with a
-    default are fixed at that default. Supported layers: Linear, Conv1d/2d/3d,
-    BatchNorm1d/2d/3d, LayerNorm, the common activations, Dropout, Flatten,
-    pooling and :class:`SparseLinear` (stored as CSR, so the file size grows
-    with the number of non-zeros).
+    ``FUNCTIONS``, the tensor methods in ``METHODS`` and tensors read
+    directly (rebuilt as a ``torch.fx.GraphModule`` with the same submodule
+    names, forward parameters and outputs; a parameter keeps its default
+    unless ``torch.fx`` can only trace it fixed at it). A ``torch.compile``d
+    model is saved as the model it wraps (``_orig_mod``). A module used twice
+    and tensors tied between layers (``head.weight = emb.weight``) stay one
+    object after loading. A layer pruned with ``torch.nn.utils.prune`` or
+    re-parametrised with ``parametrize`` is saved as the plain layer it
+    computes as (``weight = weight_orig * weight_mask``).
+
+    Supported layers (``LAYERS``): Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d,
+    LayerNorm, the common activations, Dropout, Flatten, pooling, Embedding,
+    LSTM, GRU, MultiheadAttention, TransformerEncoderLayer (activation "relu"
+    or "gelu"), TransformerEncoder (identical layers, optional LayerNorm) and
+    :class:`SparseLinear` (stored as CSR).
+
+    The file is written to a temporary file in the same folder and renamed
+    over ``path``: a failed save leaves an existing file unchanged and no
+    temporary file behind. An existing file keeps its permissions; a new one
+    gets those of ``open()`` (0o666 minus the umask).
 
     Args:
         model: The model.
-        path: Destination file (overwritten).
+        path: Destination file (replaced if it exists).
 
     Raises:
-        TypeError: If the model contains a layer, function, method or
-            argument outside the supported set (nothing is written).
+        TypeError: If ``model`` is not a module, or contains a layer, function,
+            method or argument outside the supported set (nothing is
+            written; the message says how to save the weights alone).
+        IsADirectoryError: If ``path`` is a directory.
+        FileNotFoundError: If ``path``'s folder does not exist.
+        OSError: If the folder is not writable or writing fails (the message
+            names ``path``; an existing file is left unchanged).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected an nn.Module. Received: model={type(model).__name__}")
-    structure, leaves = _describe(model)
-    tensors = {}
-    for prefix, module in leaves.items():
-        for key, t in module.state_dict().items():
-            tensors[f"{prefix}.{key}" if prefix else key] = t.detach().cpu().contiguous().clone()
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        model = model._orig_mod
+    structure, layers, free = _describe(model)
+    tensors, aliases = _collect(layers, free)
+    if aliases:
+        structure["aliases"] = aliases
     header = json.dumps(structure, sort_keys=True)
     metadata = {"format": "pt", "sparsecraft.version": FORMAT_VERSION,
                 "sparsecraft.structure": header, "sparsecraft.sha256": _digest(header, tensors)}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    _write_atomic(os.fspath(path), tensors, metadata)
 
 
 # ---------------------------------------------------------------------------- rebuild
-def _invalid(what: str) -> ValueError:
-    return ValueError(f"Expected a valid sparsecraft model file. Received: {what}")
+class _Tensors:
+    """The file's tensors by name, handed out to the layer (or attribute) that owns each once."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], aliases: Any) -> None:
+        if not isinstance(aliases, dict) or not all(
+                isinstance(k, str) and v in tensors and k not in tensors
+                for k, v in aliases.items()):
+            raise invalid("aliases that do not name stored tensors")
+        self.tensors, self.aliases = tensors, aliases
+        self.index: dict[str, list[str]] = {}
+        for key in [*tensors, *aliases]:
+            parts = key.split(".")
+            for i in range(len(parts)):  # "" is the prefix of a root layer
+                self.index.setdefault(".".join(parts[:i]), []).append(key)
+        self.taken: set[str] = set()
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[self.aliases.get(key, key)]
+
+    def take(self, keys: list[str]) -> None:
+        if self.taken.intersection(keys):
+            raise invalid(f"tensors claimed by two layers: {sorted(self.taken & set(keys))[:5]}")
+        self.taken.update(keys)
+
+    def of_layer(self, path: str) -> dict[str, torch.Tensor]:
+        keys = self.index.get(path, [])
+        self.take(keys)
+        cut = len(path) + 1 if path else 0
+        return {k[cut:]: self.get(k) for k in keys}
+
+    def check_all_taken(self) -> None:
+        left = sorted((set(self.tensors) | set(self.aliases)) - self.taken)
+        if left:
+            raise invalid(f"tensors that do not match the structure: {left[:5]}")
 
 
-def _build_layer(spec: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    if not isinstance(spec, dict) or set(spec) != {"type", "config"} or spec["type"] not in LAYERS:
-        raise _invalid(f"layer spec {spec!r:.200} at {prefix or '<root>'!r}")
-    cls, fields = LAYERS[spec["type"]]
-    config = spec["config"]
-    if not isinstance(config, dict) or set(config) != set(fields):
-        raise _invalid(f"settings {config!r:.200} for {spec['type']}")
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    own = {k[len(prefix) + 1:] if prefix else k: t for k, t in tensors.items()
-           if (k.startswith(prefix + ".") if prefix else "." not in k)}
-    if cls is SparseLinear:
-        if config["kernel"] not in KERNELS or set(own) != (
-            {"crow_indices", "col_indices", "values"} | ({"bias"} if config["bias"] else set())
-        ):
-            raise _invalid(f"SparseLinear tensors {sorted(own)} / kernel {config['kernel']!r}")
-        return SparseLinear.from_csr(
-            own["crow_indices"], own["col_indices"], own["values"],
-            (config["out_features"], config["in_features"]), own.get("bias"), config["kernel"])
-    with torch.device("meta"):  # sizes come from the file's tensors, never allocated blindly
-        module = cls(**config)
-    module.load_state_dict(own, strict=True, assign=True)
-    return module
-
-
-def _build_tree(spec: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _build_tree(spec: Any, prefix: str, store: _Tensors, built: dict[str, nn.Module]
+                ) -> nn.Module:
+    check_count("modules", len(built), MAX_MODULES)
+    if isinstance(spec, dict) and set(spec) == {"ref"}:
+        if not isinstance(spec["ref"], str) or spec["ref"] not in built:
+            raise invalid(f"reference {spec['ref']!r:.100} to a module not built before it")
+        return built[spec["ref"]]
     if isinstance(spec, dict) and spec.get("type") == "Sequential":
         if set(spec) != {"type", "children"} or not isinstance(spec["children"], list):
-            raise _invalid(f"Sequential spec at {prefix or '<root>'!r}")
+            raise invalid(f"Sequential spec at {prefix or '<root>'!r}")
         seq = nn.Sequential()
         for item in spec["children"]:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                    and _PATH.match(item[0]) and "." not in item[0]):
-                raise _invalid(f"child entry {item!r:.200}")
+            if not (isinstance(item, list) and len(item) == 2 and is_path(item[0])
+                    and "." not in item[0]):
+                raise invalid(f"child entry {item!r:.200}")
             name = item[0]
             seq.add_module(name, _build_tree(item[1], f"{prefix}.{name}" if prefix else name,
-                                             tensors))
+                                             store, built))
+        built[prefix] = seq  # after its children: a reference to an ancestor is refused
         return seq
-    return _build_layer(spec, prefix, tensors)
+    built[prefix] = build_layer(spec, prefix, store.of_layer(prefix), invalid)
+    return built[prefix]
 
 
-def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if isinstance(value, dict):
-        if set(value) == {"node"} and value["node"] in nodes:
-            return nodes[value["node"]]
-        if set(value) == {"tuple"} and isinstance(value["tuple"], list):
-            return tuple(_decode(v, nodes) for v in value["tuple"])
-        if set(value) == {"slice"} and isinstance(value["slice"], list) and len(value["slice"]) == 3:
-            return slice(*(_decode(v, nodes) for v in value["slice"]))
-        raise _invalid(f"graph argument {value!r:.200}")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise _invalid(f"graph argument {value!r:.200}")
-
-
-def _build_graph(structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    specs, records = structure.get("modules"), structure.get("nodes")
-    if not isinstance(specs, dict) or not isinstance(records, list):
-        raise _invalid("graph structure without 'modules' and 'nodes'")
+def _build_root(structure: dict[str, Any], store: _Tensors) -> nn.Module:
+    modules, kinds = structure["modules"], structure.get("attributes", {})
+    _io_graph.check_modules(modules)
+    if not isinstance(kinds, dict) or not all(is_path(k) for k in kinds):
+        raise invalid("graph attributes table")
+    check_count("attributes", len(kinds), MAX_MODULES)
     root = nn.Module()
-    for path, spec in specs.items():
-        if not isinstance(path, str) or not _PATH.match(path):
-            raise _invalid(f"module path {path!r:.200}")
+
+    def owner(path: str) -> tuple[nn.Module, str]:
         *parents, leaf = path.split(".")
         parent = root
         for part in parents:
             if part not in parent._modules:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]
+            if layer_type(parent) is not None:
+                raise invalid(f"path {path!r} inside a layer")
         if leaf in parent._modules or hasattr(parent, leaf):
-            raise _invalid(f"module path {path!r}")
-        parent.add_module(leaf, _build_layer(spec, path, tensors))
-    graph, nodes = fx.Graph(), {}
-    for rec in records:
-        if not isinstance(rec, dict) or set(rec) != {"name", "op", "target", "args", "kwargs"}:
-            raise _invalid(f"graph node {rec!r:.200}")
-        op, target, name = rec["op"], rec["target"], rec["name"]
-        if not isinstance(name, str) or not _IDENT.match(name) or name in nodes:
-            raise _invalid(f"node name {name!r:.200}")
-        if op == "call_function" and target in FUNCTIONS:
-            target = FUNCTIONS[target]
-        elif op == "call_module" and target in specs:
-            pass
-        elif not (op == "call_method" and target in METHODS) and not (
-            op == "placeholder" and isinstance(target, str) and _IDENT.match(target)
-        ) and not (op == "output" and target == "output"):
-            raise _invalid(f"node {name!r} with op {op!r:.50} and target {target!r:.100}")
-        kwargs = rec["kwargs"]
-        if not isinstance(kwargs, dict) or not all(
-            isinstance(k, str) and _IDENT.match(k) for k in kwargs
-        ):
-            raise _invalid(f"keyword arguments of node {name!r}")
-        args = _decode(rec["args"], nodes)
-        if not isinstance(args, tuple):
-            raise _invalid(f"arguments of node {name!r}")
-        nodes[name] = graph.create_node(op, target, tuple(args),
-                                        {k: _decode(v, nodes) for k, v in kwargs.items()}, name)
-    if not records or records[-1]["op"] != "output":
-        raise _invalid("graph without an output node")
-    graph.lint()
-    return fx.GraphModule(root, graph)
+            raise invalid(f"module path {path!r}")
+        return parent, leaf
+
+    for path, spec in modules.items():
+        parent, leaf = owner(path)
+        parent.add_module(leaf, build_layer(spec, path, store.of_layer(path), invalid))
+    for path, kind in kinds.items():
+        parent, leaf = owner(path)
+        store.take([path])
+        t = store.get(path)
+        if kind == "parameter":
+            parent.register_parameter(leaf, nn.Parameter(t, t.is_floating_point()))
+        elif kind == "buffer":
+            parent.register_buffer(leaf, t)
+        else:
+            raise invalid(f"attribute kind {kind!r:.50}")
+    return root
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Loads a model written by :func:`save`; refuses a damaged file whole.
+def _tie(root: nn.Module, aliases: dict[str, str]) -> None:
+    """Makes every alias the same object as the tensor it names (tied weights)."""
+    for key, source in aliases.items():
+        src_path, _, src_name = source.rpartition(".")
+        dst_path, _, dst_name = key.rpartition(".")
+        obj = getattr(root.get_submodule(src_path), src_name)
+        dst = root.get_submodule(dst_path)
+        if dst_name in dst._parameters and isinstance(obj, nn.Parameter):
+            setattr(dst, dst_name, obj)  # setattr: nn.LSTM refreshes its flat weight list
+        elif dst_name in dst._buffers and not isinstance(obj, nn.Parameter):
+            dst._buffers[dst_name] = obj
+        else:
+            raise invalid(f"alias {key!r} of {source!r} of a different kind")
 
-    The checksum over the structure header and all tensors is verified before
-    anything is built; the structure is rebuilt from allowlisted layer types,
-    functions and methods only (no pickle, no code from the file). An
-    ``nn.Sequential`` tree comes back as ``nn.Sequential``, any other model as
-    a ``torch.fx.GraphModule`` with the same submodule names. The model is
-    returned in eval mode.
 
-    Args:
-        path: File written by :func:`save`.
-
-    Returns:
-        The rebuilt model.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is not a complete, unmodified sparsecraft file
-            (truncated, corrupted, checksum mismatch, unknown structure).
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Expected an existing file. Received: path={path!r}")
+def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    check_regular_file(path)
+    check_header_size(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -373,6 +347,38 @@ def load(path: str | os.PathLike) -> nn.Module:
             f"Expected a complete safetensors file. Received: path={path!r}, which "
             f"safetensors cannot read ({type(err).__name__}: {err})"
         ) from err
+    return metadata, tensors
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Loads a model written by :func:`save`; refuses a damaged or crafted file whole.
+
+    The checksum over the structure header and all tensors is verified before
+    anything is built; the structure is checked against the limits of
+    ``sparsecraft.export._format`` (header at most 16 MiB, JSON nested at most
+    64 deep with at most 500,000 values, at most 20,000 graph nodes and 10,000
+    modules, literal lists of at most 1,024 elements, strings of at most 1,024
+    characters) and rebuilt from allowlisted layer types, functions and methods
+    only (no pickle, no code from the file). An ``nn.Sequential`` tree comes
+    back as ``nn.Sequential``, any other model as a ``torch.fx.GraphModule``
+    with the same submodule names and forward parameters. Shared modules and
+    tied tensors come back as one object. The model is returned in eval mode.
+
+    Args:
+        path: File written by :func:`save`.
+
+    Returns:
+        The rebuilt model.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If ``path`` is not a regular file (a directory, a FIFO: it is
+            never opened), or the file is not a complete, unmodified sparsecraft
+            file within the limits (truncated, corrupted, checksum mismatch,
+            unknown or malformed structure).
+    """
+    path = os.fspath(path)
+    metadata, tensors = _read(path)
     header, stored = metadata.get("sparsecraft.structure"), metadata.get("sparsecraft.sha256")
     if header is None or stored is None:
         raise ValueError(f"Expected a file written by sparsecraft.save. Received: path={path!r} "
@@ -383,20 +389,26 @@ def load(path: str | os.PathLike) -> nn.Module:
     if _digest(header, tensors) != stored:
         raise ValueError(f"Expected the stored checksum to match the file's content. Received: "
                          f"path={path!r} whose structure or tensors were modified or damaged")
+    structure = parse_structure(header)
+    if not isinstance(structure, dict):
+        raise invalid(f"a structure header {header!r:.100} of unknown kind")
     try:
-        structure = json.loads(header)
-    except json.JSONDecodeError as err:
-        raise _invalid(f"a structure header that is not JSON ({err})") from err
-    try:
-        if isinstance(structure, dict) and structure.get("kind") == "tree":
-            model = _build_tree(structure.get("root"), "", tensors)
-        elif isinstance(structure, dict) and structure.get("kind") == "graph":
-            model = _build_graph(structure, tensors)
+        store = _Tensors(tensors, structure.get("aliases", {}))
+        if structure.get("kind") == "tree" and set(structure) <= {"kind", "root", "aliases"}:
+            model = root = _build_tree(structure.get("root"), "", store, {})
+        elif structure.get("kind") == "graph" and set(structure) <= {
+                "kind", "modules", "attributes", "nodes", "aliases"}:
+            root = _build_root(structure, store)
+            model = None
         else:
-            raise _invalid(f"a structure header {header!r:.100} of unknown kind")
-    except (TypeError, KeyError, RuntimeError, IndexError, AttributeError) as err:
-        raise _invalid(f"a structure that does not rebuild ({type(err).__name__}: {err})") from err
-    if set(model.state_dict()) != set(tensors):
-        extra = sorted(set(tensors) ^ set(model.state_dict()))
-        raise _invalid(f"tensors that do not match the structure: {extra[:5]}")
+            raise invalid(f"a structure header {header!r:.100} of unknown kind")
+        store.check_all_taken()
+        _tie(root, store.aliases)
+        if model is None:
+            model = _io_graph.build(structure, root)
+    except ValueError:
+        raise
+    except Exception as err:  # whatever a crafted structure breaks is an invalid file
+        raise invalid(f"a structure that does not rebuild ({type(err).__name__}: "
+                      f"{str(err)[:300]})") from err
     return model.eval()
