@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from .. import distributed as _dist
@@ -174,6 +175,7 @@ class DensityFloor:
             units = [Units(_dist.group_norms(term.penalty, value).flatten(), False)]
         return count(units, [u.values != 0 for u in units])
 
+    @torch.no_grad()
     def _hold_minimum(self, zeros: Sequence[int], sizes: Sequence[int]) -> None:
         """At an update: keep every tensor at its minimum density from the next step on."""
         if self.min_density <= 0:
@@ -181,10 +183,10 @@ class DensityFloor:
         view = self._latent_view()
         if view is not None:
             self._term_caps = self._latent_caps(view, self._log_scale)
-            # The weights of capped terms now: what the next prox step would show.
+            # The weights now are what the prox shows at the new strengths (as the next step
+            # would with a zero gradient), so every tensor holds its minimum from this update on.
             for i, (entry, base) in enumerate(zip(view, self._base_scales, strict=True)):
-                if self._term_caps[i] is not None:
-                    entry[0].target.copy_(self._latent_value(entry, base, self._effective(i, self._log_scale)))
+                entry[0].target.copy_(self._latent_value(entry, base, self._effective(i, self._log_scale)))
             return
         keep = self._keep(sizes)
         owner = self._term_owner()
