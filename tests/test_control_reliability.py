@@ -116,7 +116,7 @@ class EmbeddingLSTM(nn.Module):
 CONTROLLED = ("emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "head.weight")
 
 
-def train_lstm(min_density: float, epochs: int = 8):
+def train_lstm(min_density: float, epochs: int = 8, mode: str = "latent"):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 300, (1024, 8), generator=g)
     y = (x < 20).any(1).long()  # does a "keyword" occur
@@ -125,7 +125,7 @@ def train_lstm(min_density: float, epochs: int = 8):
     reg = sc.Regularizer(net)
     for name in CONTROLLED:
         reg.add_weight(name, sc.L1(1e-3))
-    opt = ProximalOptimizer(torch.optim.Adam(net.parameters(), lr=1e-2), reg, mode="latent")
+    opt = ProximalOptimizer(torch.optim.Adam(net.parameters(), lr=1e-2), reg, mode=mode)
     ctrl = TargetSparsity(opt, target=0.9, end_step=epochs * 8, every=2, min_density=min_density)
     params = dict(net.named_parameters())
     lowest = {n: 1.0 for n in CONTROLLED}  # the lowest density seen right after an update
@@ -144,11 +144,11 @@ def train_lstm(min_density: float, epochs: int = 8):
         fin = ctrl.finalize()
     dead = [str(w.message) for w in caught if "is all zero" in str(w.message)]
     density = {n: int((params[n] != 0).sum()) / params[n].numel() for n in CONTROLLED}
-    return fin, dead, density, lowest, params
+    return fin, dead, density, lowest, params, ctrl
 
 
 def test_a_dead_tensor_is_named_once():
-    fin, dead, density, _, _ = train_lstm(min_density=0.0)
+    fin, dead, density, _, _, _ = train_lstm(min_density=0.0)
     assert fin["after"] == 0.9  # the global count is right...
     gone = [n for n in CONTROLLED if density[n] == 0]
     assert "lstm.weight_hh_l0" in gone and "head.weight" in gone  # ...but the model is dead
@@ -158,7 +158,7 @@ def test_a_dead_tensor_is_named_once():
 
 
 def test_min_density_keeps_every_tensor_alive_in_step_and_finalize():
-    fin, dead, density, lowest, params = train_lstm(min_density=0.05)
+    fin, dead, density, lowest, params, _ = train_lstm(min_density=0.05)
     assert dead == []
     assert fin["after"] == 0.9 and fin["latent"] == 1.0  # the target is still exact
     for n in CONTROLLED:
@@ -166,6 +166,17 @@ def test_min_density_keeps_every_tensor_alive_in_step_and_finalize():
         assert density[n] >= keep, n  # after finalize()
         assert lowest[n] >= keep, n  # after every update during training
     assert min(density.values()) < 0.1  # the floor was needed: some tensor sits near it
+
+
+def test_min_density_in_forward_backward_lowers_the_strength_of_a_thin_tensor():
+    lstm = ("lstm.weight_ih_l0", "lstm.weight_hh_l0")
+    _, _, free, _, _, _ = train_lstm(min_density=0.0, mode="forward_backward")
+    assert min(free[n] for n in lstm) < 0.05  # without the floor the LSTM goes below 5 %
+    _, _, density, _, _, ctrl = train_lstm(min_density=0.05, mode="forward_backward")
+    assert all(density[n] >= 0.05 for n in lstm), density
+    # Every term started at scale 1: a term below the common multiplier had its own lowered.
+    lowered = {t.where for t in ctrl.terms if t.scale < 0.999 * ctrl.scale}
+    assert lowered and lowered <= set(lstm), lowered
 
 
 def test_min_density_in_forward_backward_finalize_keeps_the_largest():

@@ -405,6 +405,8 @@ def test_helpers_are_no_ops_without_a_process_group():
         model[0].weight[:3] = 0
     assert scd.count_zeros(list(model.parameters())).tolist() == list(count_zeros(list(model.parameters())))
     assert report_rows(scd.sparsity(model)) == report_rows(local_sparsity(model))
+    assert scd.gather_rows(torch.tensor([3, 4])).tolist() == [[3, 4]]
+    scd.check_same({"every": 1}, "settings")  # nothing to compare with
 
 
 def test_helpers_reject_wrong_inputs():
@@ -416,6 +418,8 @@ def test_helpers_reject_wrong_inputs():
         scd.count_zeros([torch.zeros(2), "x"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="tol"):
         scd.count_zeros(torch.zeros(2), tol=-1.0)
+    with pytest.raises(TypeError, match="1-D tensor"):
+        scd.gather_rows(torch.zeros(2, 2))
 
 
 # ----------------------------------------------------------------------------- FSDP2

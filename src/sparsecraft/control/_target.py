@@ -204,9 +204,14 @@ class TargetSparsity(FinalSelection):
     def _local_counts(self) -> list[int]:
         """``[zeros, units]`` of each controlled tensor as this rank holds it, flattened."""
         out: list[Any] = []
-        for u in self._units_of(self._owners()):
-            out += [(u.values == 0).sum(), u.values.numel()]
-        return [int(v) for v in torch.stack([torch.as_tensor(v).cpu() for v in out]).tolist()]
+        if self.measure == "elements":  # counted in place: no copy of the weights per update
+            for p in self._params:
+                local = p.to_local() if _dist._is_dtensor(p) else p
+                out += [(local == 0).sum().cpu(), torch.tensor(local.numel())]
+        else:
+            for u in self._units_of(self._owners()):
+                out += [(u.values == 0).sum().cpu(), torch.tensor(u.values.numel())]
+        return torch.stack(out).tolist()  # one host sync
 
     def _global_counts(self, check: bool = True) -> tuple[list[int], list[int]]:
         """Zeros and units of each controlled tensor over all ranks (one all-gather).
