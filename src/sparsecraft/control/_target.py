@@ -26,8 +26,8 @@ _MEASURES = ("elements", "groups")
 class TargetSparsity(FinalSelection):
     """Adjusts the strength of prox terms during training so that sparsity follows a ramp to ``target``.
 
-    What it measures: the fraction of exact zeros (``== 0``, counted by
-    :func:`sparsecraft.metrics.count_zeros`) over the parameters of the
+    What it measures: the fraction of exact zeros (``== 0``; shards of FSDP2
+    parameters counted over all ranks) over the parameters of the
     controlled terms (``measure="elements"``), or the fraction of all-zero
     groups of their group penalties (``measure="groups"``). Only those
     parameters count: biases or layers without a controlled term do not.
