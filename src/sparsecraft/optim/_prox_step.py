@@ -36,6 +36,10 @@ class _ProxStep:
 
     Reads the optimizer's ``inner``, ``floor``, ``fused``, ``_rule``, ``_terms``,
     ``_workspaces``, ``_typical`` and ``_floor_steps``.
+
+    A coordinate whose second moment is 0 (it never had a gradient) or not finite
+    gets prox step 0 on every path (unfused, blocked, fused); the floor's reference
+    is the mean of the finite ``sqrt(v)`` (others count as 0), never NaN or Inf.
     """
 
     def _workspace(self, p: Tensor, which: int = 0) -> Tensor:
@@ -50,7 +54,26 @@ class _ProxStep:
             self._workspaces[key] = buf
         return buf[: p.numel()].view_as(p)
 
+    def _mask(self, x: Tensor) -> Tensor:
+        """A reused boolean buffer the size of ``x``: where the optimizer moved a coordinate."""
+        key = ("moved", x.device)
+        buf = self._workspaces.get(key)
+        if buf is None or buf.numel() < x.numel():
+            buf = torch.empty(max(t.numel() for t in self._terms if t.device == x.device),
+                              dtype=torch.bool, device=x.device)
+            self._workspaces[key] = buf
+        return buf[: x.numel()].view_as(x)
+
+    def _zero(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = ("zero", dtype, device)
+        buf = self._workspaces.get(key)
+        if buf is None:
+            buf = self._workspaces[key] = torch.zeros((), dtype=dtype, device=device)
+        return buf
+
     def _prox(self, term: Term, p: Tensor, group: dict, scale: float) -> None:
+        if p.numel() == 0:
+            return  # an empty parameter: nothing to threshold (issue 10, item 13)
         state = self.inner.state.get(p, {})
         # A sharded (FSDP2 DTensor) parameter: step rules see local shards; the means
         # below are taken over the whole parameter, as one process would.
@@ -73,6 +96,11 @@ class _ProxStep:
         if isinstance(step, float):
             _apply_prox(pen, p, step * scale)
             return
+        # Where the second moment is 0 the coordinate never had a gradient: the optimizer
+        # did not move it, so the prox takes no step there either (an embedding row absent
+        # from every batch so far; issue 10, item 6). A NaN or infinite sqrt(v) (a bad
+        # gradient) gets no prox step either: the inner optimizer's damage is not widened.
+        ref = None
         if self.floor > 0:
             # The floor is anchored to the largest typical sqrt(v) seen so far: when a
             # whole layer's gradients fade, its thresholds cannot grow without bound.
@@ -80,21 +108,27 @@ class _ProxStep:
             # skipping it saves a pass over v.
             ref = self._typical.get(p)
             if self._refresh(p) or ref is None:
+                ws.nan_to_num_(nan=0.0, posinf=0.0)  # they take no step either way (below)
                 typical = _dist.mean(ws, p) if sharded else ws.mean()
-                ref = typical if ref is None else torch.maximum(ref, typical)
+                ref = _raised_reference(ref, typical)
                 self._typical[p] = ref
+        moved = torch.gt(ws, 0, out=self._mask(x))
+        if ref is not None:
             ws.clamp_(min=ref * self.floor)
         ws.add_(step.eps / step.scale)
         coef = step.lr * scale / step.scale
+        zero = self._zero(ws.dtype, ws.device)
         if type(pen) is L1:
-            # τ = coef·l1/ws, then x − clamp(x, −τ, τ): four passes over two buffers
+            # τ = coef·l1/ws, then x − clamp(x, −τ, τ): five passes over two buffers
             # (Penalty.prox_ on one buffer needs six); the hot path of Adam + L1.
             tau = torch.div(torch.tensor(coef * pen.l1, dtype=ws.dtype, device=ws.device), ws, out=ws)
+            tau = torch.where(moved, tau, zero, out=tau)
             neg = torch.neg(tau, out=self._workspace(x, 1))
             x.sub_(torch.clamp(x, min=neg, max=tau, out=neg))
             return
         lr = torch.tensor(coef, dtype=ws.dtype, device=ws.device)
         t = torch.div(lr, ws, out=ws)
+        t = torch.where(moved, t, zero, out=t)
         if not pen.separable:
             # Group penalties need one step per group: the mean of the group's steps.
             lay = pen.layout(p)
@@ -148,6 +182,7 @@ class _ProxStep:
         size = min(n, BLOCK)
         dtype = _step_dtype(p.dtype)
         a, b = self._block(size, dtype, p.device, 0), self._block(size, dtype, p.device, 1)
+        mask, zero = self._block(size, torch.bool, p.device, 2), self._zero(dtype, p.device)
 
         def root(i: int, m: int) -> Tensor:
             r = a[:m]
@@ -161,9 +196,9 @@ class _ProxStep:
             if self._refresh(p) or ref is None:
                 total = torch.zeros((), dtype=dtype, device=p.device)
                 for i in range(0, n, size):
-                    total += root(i, min(size, n - i)).sum()
-                typical = total / n
-                ref = typical if ref is None else torch.maximum(ref, typical)
+                    # Non-finite roots (bad gradients) count as 0: the reference stays finite.
+                    total += root(i, min(size, n - i)).nan_to_num_(nan=0.0, posinf=0.0).sum()
+                ref = _raised_reference(ref, total / n)
                 self._typical[p] = ref
             low = ref * self.floor
         coef = torch.tensor(step.lr * strength / step.scale, dtype=dtype, device=p.device)
@@ -171,9 +206,11 @@ class _ProxStep:
         for i in range(0, n, size):
             m = min(size, n - i)
             tau = root(i, m)
+            moved = torch.gt(tau, 0, out=mask[:m])  # no step where v is 0 or not finite
             if low is not None:
                 tau.clamp_(min=low)
             tau = torch.div(coef, tau.add_(eps), out=tau)
+            tau = torch.where(moved, tau, zero, out=tau)
             neg = torch.neg(tau, out=b[:m])
             xi = x[i:i + m]
             xi.sub_(torch.clamp(xi, min=neg, max=tau, out=neg))
@@ -192,6 +229,17 @@ class _ProxStep:
         if not peek:
             self._floor_steps[p] = n + 1
         return n % FLOOR_REFRESH == 0
+
+
+def _raised_reference(ref: Tensor | None, typical: Tensor) -> Tensor:
+    """The floor's new reference ``max(ref, typical)``; a non-finite mean leaves it unchanged.
+
+    A NaN or Inf would otherwise stay in the running maximum (and in ``state_dict()``)
+    for good: NaN weights everywhere, or an infinite floor that switches the prox off
+    (issue 10, item 2). No host sync: the guard is a scalar tensor operation.
+    """
+    typical = torch.nan_to_num(typical, nan=0.0, posinf=0.0, neginf=0.0)
+    return typical if ref is None else torch.maximum(ref, typical)
 
 
 def _step_dtype(dtype: torch.dtype) -> torch.dtype:
