@@ -130,12 +130,17 @@ class _ProxStep:
         t = torch.div(lr, ws, out=ws)
         t = torch.where(moved, t, zero, out=t)
         if not pen.separable:
-            # Group penalties need one step per group: the mean of the group's steps.
+            # Group penalties need one step per group: the mean step of the group's
+            # coordinates that the optimizer moved (0 if none), so that a dead unit's
+            # coordinates neither inflate nor dilute the step of its group.
             lay = pen.layout(p)
+            count = self._workspace(x, 1).copy_(moved)
             if sharded:
                 t = _merge_groups(_dist.slice_means(t, p, lay.dim), lay)
+                n = _merge_groups(_dist.slice_means(count, p, lay.dim), lay)
             else:
-                t = _group_mean(t, lay)
+                t, n = _group_mean(t, lay), _group_mean(count, lay)
+            t = torch.where(n > 0, t / n, 0.0)
         _apply_prox(pen, p, t)
 
     def _fused_prox(self, pen: Any, p: Tensor, step: AdaptiveStep, scale: float) -> bool:
