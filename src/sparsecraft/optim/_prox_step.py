@@ -178,8 +178,8 @@ class _ProxStep:
         """Adaptive L1 prox in blocks of BLOCK elements: the step buffers stay in cache.
 
         The same arithmetic as the whole-tensor path below; from memory it reads
-        ``v`` and ``w`` and writes ``w`` once (eight cache-resident passes per
-        block instead of eight passes over the tensor). Coordinates with ``v = 0``
+        ``v`` and ``w`` and writes ``w`` once (nine cache-resident passes per
+        block instead of nine passes over the tensor). Coordinates with ``v = 0``
         are left as they are through a 0/1 factor on the shrinkage (one pass
         more; a ``torch.where`` costs three times as much here). A NaN ``v`` makes
         a NaN shrinkage, but only where the built-in optimizers (the only ones on
