@@ -61,8 +61,8 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             compiles (tens of seconds on CPU; it needs a C++ compiler); if
             compiling fails, it warns once and runs the unfused path.
 
-    Memory: with adaptive optimizers, forward–backward holds two step buffers
-    and a boolean one of ``BLOCK`` elements for L1 terms, or of the largest
+    Memory: with adaptive optimizers, forward–backward holds three step buffers
+    of ``BLOCK`` elements for L1 terms, or two and a boolean one of the largest
     penalised parameter for other penalties; latent mode holds a copy of every
     penalised parameter.
 
