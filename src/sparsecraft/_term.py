@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from ._table import rich_table, text_table
-from .penalties import Penalty
+from .penalties import Penalty, check_strength
 
 
 @dataclass(eq=False)
@@ -127,6 +127,23 @@ class Term:
         if self.scale != 1.0:
             f = f"{self.scale:.4g} × ({f})"
         return f
+
+
+def _get_scale(self: Term) -> float:
+    return self._scale
+
+
+def _set_scale(self: Term, value: Any) -> None:
+    # Checked where it is set (by hand, by TargetSparsity, by Regularizer.load_state_dict):
+    # a NaN, infinite or negative scale would reach the prox as a NaN or an anti-shrinking
+    # step (sparsecraft issue 10, item 14).
+    self._scale = check_strength("scale", value)
+
+
+# A property installed after the dataclass is built: the generated __init__ (``scale=1.0``)
+# and repr go through it, and every assignment is validated.
+Term.scale = property(_get_scale, _set_scale, doc=(
+    "A non-negative finite multiplier on the penalty; setting anything else raises ValueError."))
 
 
 class Explanation:

@@ -36,6 +36,10 @@ class _ProxStep:
 
     Reads the optimizer's ``inner``, ``floor``, ``fused``, ``_rule``, ``_terms``,
     ``_workspaces``, ``_typical`` and ``_floor_steps``.
+
+    A coordinate whose second moment is 0 (it never had a gradient) or not finite
+    gets prox step 0 on every path (unfused, blocked, fused); the floor's reference
+    is the mean of the finite ``sqrt(v)`` (others count as 0), never NaN or Inf.
     """
 
     def _workspace(self, p: Tensor, which: int = 0) -> Tensor:
@@ -50,7 +54,26 @@ class _ProxStep:
             self._workspaces[key] = buf
         return buf[: p.numel()].view_as(p)
 
+    def _mask(self, x: Tensor) -> Tensor:
+        """A reused boolean buffer the size of ``x``: where the optimizer moved a coordinate."""
+        key = ("moved", x.device)
+        buf = self._workspaces.get(key)
+        if buf is None or buf.numel() < x.numel():
+            buf = torch.empty(max(t.numel() for t in self._terms if t.device == x.device),
+                              dtype=torch.bool, device=x.device)
+            self._workspaces[key] = buf
+        return buf[: x.numel()].view_as(x)
+
+    def _zero(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = ("zero", dtype, device)
+        buf = self._workspaces.get(key)
+        if buf is None:
+            buf = self._workspaces[key] = torch.zeros((), dtype=dtype, device=device)
+        return buf
+
     def _prox(self, term: Term, p: Tensor, group: dict, scale: float) -> None:
+        if p.numel() == 0:
+            return  # an empty parameter: nothing to threshold (issue 10, item 13)
         state = self.inner.state.get(p, {})
         # A sharded (FSDP2 DTensor) parameter: step rules see local shards; the means
         # below are taken over the whole parameter, as one process would.
@@ -73,6 +96,11 @@ class _ProxStep:
         if isinstance(step, float):
             _apply_prox(pen, p, step * scale)
             return
+        # Where the second moment is 0 the coordinate never had a gradient: the optimizer
+        # did not move it, so the prox takes no step there either (an embedding row absent
+        # from every batch so far; issue 10, item 6). A NaN or infinite sqrt(v) (a bad
+        # gradient) gets no prox step either: the inner optimizer's damage is not widened.
+        ref = None
         if self.floor > 0:
             # The floor is anchored to the largest typical sqrt(v) seen so far: when a
             # whole layer's gradients fade, its thresholds cannot grow without bound.
@@ -80,28 +108,39 @@ class _ProxStep:
             # skipping it saves a pass over v.
             ref = self._typical.get(p)
             if self._refresh(p) or ref is None:
+                ws.nan_to_num_(nan=0.0, posinf=0.0)  # they take no step either way (below)
                 typical = _dist.mean(ws, p) if sharded else ws.mean()
-                ref = typical if ref is None else torch.maximum(ref, typical)
+                ref = _raised_reference(ref, typical)
                 self._typical[p] = ref
+        moved = torch.gt(ws, 0, out=self._mask(x))
+        if ref is not None:
             ws.clamp_(min=ref * self.floor)
         ws.add_(step.eps / step.scale)
         coef = step.lr * scale / step.scale
+        zero = self._zero(ws.dtype, ws.device)
         if type(pen) is L1:
-            # τ = coef·l1/ws, then x − clamp(x, −τ, τ): four passes over two buffers
+            # τ = coef·l1/ws, then x − clamp(x, −τ, τ): five passes over two buffers
             # (Penalty.prox_ on one buffer needs six); the hot path of Adam + L1.
             tau = torch.div(torch.tensor(coef * pen.l1, dtype=ws.dtype, device=ws.device), ws, out=ws)
+            tau = torch.where(moved, tau, zero, out=tau)
             neg = torch.neg(tau, out=self._workspace(x, 1))
             x.sub_(torch.clamp(x, min=neg, max=tau, out=neg))
             return
         lr = torch.tensor(coef, dtype=ws.dtype, device=ws.device)
         t = torch.div(lr, ws, out=ws)
+        t = torch.where(moved, t, zero, out=t)
         if not pen.separable:
-            # Group penalties need one step per group: the mean of the group's steps.
+            # Group penalties need one step per group: the mean step of the group's
+            # coordinates that the optimizer moved (0 if none), so that a dead unit's
+            # coordinates neither inflate nor dilute the step of its group.
             lay = pen.layout(p)
+            count = self._workspace(x, 1).copy_(moved)
             if sharded:
                 t = _merge_groups(_dist.slice_means(t, p, lay.dim), lay)
+                n = _merge_groups(_dist.slice_means(count, p, lay.dim), lay)
             else:
-                t = _group_mean(t, lay)
+                t, n = _group_mean(t, lay), _group_mean(count, lay)
+            t = torch.where(n > 0, t / n, 0.0)
         _apply_prox(pen, p, t)
 
     def _fused_prox(self, pen: Any, p: Tensor, step: AdaptiveStep, scale: float) -> bool:
@@ -139,8 +178,12 @@ class _ProxStep:
         """Adaptive L1 prox in blocks of BLOCK elements: the step buffers stay in cache.
 
         The same arithmetic as the whole-tensor path below; from memory it reads
-        ``v`` and ``w`` and writes ``w`` once (eight cache-resident passes per
-        block instead of eight passes over the tensor).
+        ``v`` and ``w`` and writes ``w`` once (nine cache-resident passes per
+        block instead of nine passes over the tensor). Coordinates with ``v = 0``
+        are left as they are through a 0/1 factor on the shrinkage (one pass
+        more; a ``torch.where`` costs three times as much here). A NaN ``v`` makes
+        a NaN shrinkage, but only where the built-in optimizers (the only ones on
+        this path) have already written a NaN weight.
         """
         x, v = p.view(-1), step.moment.view(-1)
         c = None if step.centered is None else step.centered.view(-1)
@@ -148,6 +191,7 @@ class _ProxStep:
         size = min(n, BLOCK)
         dtype = _step_dtype(p.dtype)
         a, b = self._block(size, dtype, p.device, 0), self._block(size, dtype, p.device, 1)
+        ones = self._block(size, dtype, p.device, 2)  # 1 where the optimizer moved, else 0
 
         def root(i: int, m: int) -> Tensor:
             r = a[:m]
@@ -161,22 +205,25 @@ class _ProxStep:
             if self._refresh(p) or ref is None:
                 total = torch.zeros((), dtype=dtype, device=p.device)
                 for i in range(0, n, size):
-                    total += root(i, min(size, n - i)).sum()
-                typical = total / n
-                ref = typical if ref is None else torch.maximum(ref, typical)
+                    # Non-finite roots (bad gradients) count as 0: the reference stays finite.
+                    total += root(i, min(size, n - i)).nan_to_num_(nan=0.0, posinf=0.0).sum()
+                ref = _raised_reference(ref, total / n)
                 self._typical[p] = ref
             low = ref * self.floor
+        if step.lr * strength == 0:
+            return  # no shrinkage (and no 0/0 where v = 0 and eps = 0)
         coef = torch.tensor(step.lr * strength / step.scale, dtype=dtype, device=p.device)
         eps = step.eps / step.scale
         for i in range(0, n, size):
             m = min(size, n - i)
             tau = root(i, m)
+            moved = torch.gt(tau, 0, out=ones[:m])  # no step where v is 0
             if low is not None:
                 tau.clamp_(min=low)
             tau = torch.div(coef, tau.add_(eps), out=tau)
             neg = torch.neg(tau, out=b[:m])
             xi = x[i:i + m]
-            xi.sub_(torch.clamp(xi, min=neg, max=tau, out=neg))
+            xi.addcmul_(torch.clamp(xi, min=neg, max=tau, out=neg), moved, value=-1)
 
     def _block(self, size: int, dtype: torch.dtype, device: torch.device, which: int) -> Tensor:
         key = ("block", dtype, device, which)
@@ -192,6 +239,17 @@ class _ProxStep:
         if not peek:
             self._floor_steps[p] = n + 1
         return n % FLOOR_REFRESH == 0
+
+
+def _raised_reference(ref: Tensor | None, typical: Tensor) -> Tensor:
+    """The floor's new reference ``max(ref, typical)``; a non-finite mean leaves it unchanged.
+
+    A NaN or Inf would otherwise stay in the running maximum (and in ``state_dict()``)
+    for good: NaN weights everywhere, or an infinite floor that switches the prox off
+    (issue 10, item 2). No host sync: the guard is a scalar tensor operation.
+    """
+    typical = torch.nan_to_num(typical, nan=0.0, posinf=0.0, neginf=0.0)
+    return typical if ref is None else torch.maximum(ref, typical)
 
 
 def _step_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..regularizer import Regularizer, Term
 from ._prox_step import _apply_prox, _ProxStep
 from ._rules import _lr, _penalty_scale, _rule_for
+from ._state import check_state_dict
 
 _MODES = ("forward_backward", "latent")
 
@@ -36,18 +37,22 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
         mode: ``"forward_backward"`` (default): ``w ← prox_{tR}(inner_step(w))``,
             with ``t`` the inner optimizer's step (SGD: ``lr``; Adam/AdamW:
             ``lr/(sqrt(v̂)+eps)``; Adagrad, RMSprop from their state; any other
-            optimizer: ``lr``, with a warning). ``"latent"``: the inner optimizer
-            updates a dense latent copy ``z`` of each parameter, and the model
-            holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken (dual
-            averaging); costs one extra copy of the penalised parameters.
+            optimizer: ``lr``, with a warning); ``t = 0`` where the second moment is
+            0 (the coordinate never had a gradient) or not finite. ``"latent"``: the
+            inner optimizer updates a dense latent copy ``z`` of each parameter, and
+            the model holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken
+            (dual averaging); costs one extra copy of the penalised parameters.
+            Weights changed outside the optimizer (``model.load_state_dict``, an
+            in-place op) are followed: ``z`` becomes them and ``γ`` restarts at 0.
         floor: guard for adaptive optimizers. Where a gradient dies, ``v̂`` decays
             to 0 and the threshold ``lr·λ/(sqrt(v̂)+eps)`` explodes, zeroing the
             weight, then its neighbours (REFERENCES.md; ProxGen, Yun et al.
             2021). Each coordinate's ``sqrt(v)`` (the optimizer's raw second
             moment, before bias correction) is raised to at least ``floor``
             times the largest mean ``sqrt(v)`` the tensor has had (the mean is
-            taken every ``FLOOR_REFRESH`` = 10 steps), so its prox step is at
-            most about ``1/floor`` times a typical one. 0 disables the guard. It does not prevent the collapse of Adam's
+            taken every ``FLOOR_REFRESH`` = 10 steps over the finite values), so
+            its prox step is at most about ``1/floor`` times a typical one. 0
+            disables the guard. It does not prevent the collapse of Adam's
             forward–backward prox at a large ``λ`` (docs/optim.md).
         fused: opt in to one compiled kernel (``torch.compile``) for the prox
             of L1, L2 and L1L2 terms under Adam/AdamW, Adagrad and RMSprop: it
@@ -56,9 +61,18 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             compiles (tens of seconds on CPU; it needs a C++ compiler); if
             compiling fails, it warns once and runs the unfused path.
 
-    Memory: with adaptive optimizers, forward–backward holds two step buffers of
-    ``BLOCK`` elements for L1 terms, or of the largest penalised parameter for
-    other penalties; latent mode holds a copy of every penalised parameter.
+    Memory: with adaptive optimizers, forward–backward holds three step buffers
+    of ``BLOCK`` elements for L1 terms, or two and a boolean one of the largest
+    penalised parameter for other penalties; latent mode holds a copy of every
+    penalised parameter.
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` or is a
+            ProximalOptimizer; ``regularizer`` is not a Regularizer; ``fused`` is
+            not a bool.
+        ValueError: ``mode`` unknown; ``floor`` outside [0, 1]; a prox term's
+            parameter is not in the optimizer, does not require grad, or has two
+            prox terms.
     """
 
     def __init__(
@@ -112,11 +126,16 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
         self._gamma: dict[Tensor, float] = {}
         self._typical: dict[Tensor, Tensor] = {}
         self._floor_steps: dict[Tensor, int] = {}
+        # Latent mode: each parameter's ``_version`` after this optimizer last wrote it. A
+        # different version at the next step means the weights were changed outside
+        # (model.load_state_dict, an in-place op, threshold()): the latent copy follows.
+        self._versions: dict[Tensor, int] = {}
         if mode == "latent":
             with torch.no_grad():
                 for p in self._terms:
                     self._latent[p] = p.detach().clone()
                     self._gamma[p] = 0.0
+                    self._versions[p] = p._version
 
     # -- binding -----------------------------------------------------------------------
     def _bind(self, reg: Regularizer) -> dict[Tensor, Term]:
@@ -161,7 +180,12 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
     # -- stepping ----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Inner step, then prox (forward–backward), or latent update then prox (latent)."""
+        """Inner step, then prox (forward–backward), or latent update then prox (latent).
+
+        Raises:
+            ValueError: a param group's ``lr`` or ``penalty_scale`` is missing, NaN,
+                infinite or negative (before the inner step).
+        """
         # Validated before anything changes: a NaN lr must not reach the weights.
         scales = [_penalty_scale(g) if any(p in self._terms for p in g["params"]) else 0.0
                   for g in self.param_groups]
@@ -174,6 +198,7 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                     loss = closure()
             active = [p for p in self._terms if p.grad is not None]
             for p in active:
+                self._follow(p)
                 p.copy_(self._latent[p])
             self.inner.step()
             for group, scale, lr in zip(self.param_groups, scales, lrs, strict=True):
@@ -183,6 +208,7 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                         term = self._terms[p]
                         self._gamma[p] += lr
                         _apply_prox(term.penalty, p, self._gamma[p] * term.scale * scale)
+                        self._versions[p] = p._version
             return loss
         loss = self.inner.step(closure)
         for group, scale in zip(self.param_groups, scales, strict=True):
@@ -192,6 +218,19 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                     continue  # a zero strength: the prox is the identity
                 self._prox(term, p, group, scale * term.scale)
         return loss
+
+    def _follow(self, p: Tensor) -> None:
+        """Latent mode: restart from the weights when they were changed outside this optimizer.
+
+        ``prox_{γR}(z)`` has no inverse in general, so the latent copy becomes the new
+        weights and ``γ`` restarts at 0 for this parameter: the next step is the step a
+        ProximalOptimizer built now would take (the inner optimizer's state is kept).
+        Without it, the stale latent copy overwrote the new weights (issue 10, item 3).
+        """
+        seen = self._versions.get(p)
+        if seen is not None and p._version != seen:
+            self._latent[p].copy_(p)
+            self._gamma[p] = 0.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -216,26 +255,32 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or set(state_dict) != {"inner", "prox"}:
-            raise ValueError(
-                "Expected a ProximalOptimizer state_dict with keys 'inner' and 'prox'. "
-                f"Received keys: {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
-            )
-        prox = state_dict["prox"]
-        if prox["mode"] != self.mode:
-            raise ValueError(f"Expected a state_dict of mode {self.mode!r}. Received: mode={prox['mode']!r}")
+        """Load what :meth:`state_dict` returned: all of it, or nothing.
+
+        Every key, index, shape, dtype and setting is checked before anything is
+        loaded. The saved ``floor`` is restored (as torch restores ``lr``); the
+        restored latent copies are trusted at the next step, whether the model's
+        weights are loaded before or after this call.
+
+        Raises:
+            ValueError: the state_dict is not one of this optimizer's: other keys or
+                mode, a floor outside [0, 1], other parameter groups or indices, a
+                tensor of another shape or dtype, a non-finite or negative γ or floor
+                reference. The optimizer is then unchanged.
+        """
+        checked = check_state_dict(self, state_dict)
         self.inner.load_state_dict(state_dict["inner"])
         # The inner load rebuilt its param_groups list: share it again.
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
-        params = self._params()
+        self.floor = checked.floor
         with torch.no_grad():
-            for i, z in prox["latent"].items():
-                self._latent[params[int(i)]].copy_(z)
-        for i, g in prox["gamma"].items():
-            self._gamma[params[int(i)]] = float(g)
-        self._typical = {params[int(i)]: t.clone() for i, t in prox.get("typical", {}).items()}
-        self._floor_steps = {params[int(i)]: int(n) for i, n in prox.get("floor_steps", {}).items()}
+            for p, z in checked.latent.items():
+                self._latent[p].copy_(z)
+        self._gamma.update(checked.gamma)
+        self._typical = checked.typical
+        self._floor_steps = checked.floor_steps
+        self._versions.clear()  # the latent copies just loaded define the weights
 
     def __repr__(self) -> str:
         return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "

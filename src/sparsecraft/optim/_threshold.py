@@ -16,9 +16,16 @@ def threshold(model: nn.Module, tol: float, params: str = "*") -> dict[str, dict
     this makes them zero. Matching parameters are selected by a glob on their
     names. Returns, per parameter, how many values were zeroed, the zeros
     before and after, and the largest magnitude removed.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``tol`` is negative, NaN, infinite or not a number; ``params``
+            matches no floating-point parameter. Nothing is changed then.
     """
     import fnmatch
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected an nn.Module. Received: {type(model).__name__}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"Expected a finite tol >= 0. Received: tol={tol!r}")
     report = {}
