@@ -186,7 +186,8 @@ class DensityFloor:
             # The weights now are what the prox shows at the new strengths (as the next step
             # would with a zero gradient), so every tensor holds its minimum from this update on.
             for i, (entry, base) in enumerate(zip(view, self._base_scales, strict=True)):
-                entry[0].target.copy_(self._latent_value(entry, base, self._effective(i, self._log_scale)))
+                self._optimizer._display(
+                    entry[0].target, self._latent_value(entry, base, self._effective(i, self._log_scale)))
             return
         keep = self._keep(sizes)
         owner = self._term_owner()

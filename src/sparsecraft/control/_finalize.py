@@ -130,7 +130,7 @@ class FinalSelection(DensityFloor):
         chosen = hi if count_hi == wanted else lo  # a tie that jumps past wanted: stay below, cut the rest
         zeros, values = self._latent_zeros(view, chosen)
         for (term, *_rest), v in zip(view, values, strict=True):
-            term.target.copy_(v)
+            self._optimizer._display(term.target, v)
         self._log_scale = chosen
         self._apply_scale()
         return zeros

@@ -232,6 +232,17 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             self._latent[p].copy_(p)
             self._gamma[p] = 0.0
 
+    @torch.no_grad()
+    def _display(self, p: Tensor, value: Tensor) -> None:
+        """Latent mode: write what the model shows for ``p`` (a controller's prox of the latent copy).
+
+        Unlike a change made outside, this keeps the latent copy and ``γ``: the version
+        recorded here tells the next step that the optimizer's own side wrote the weights.
+        """
+        p.copy_(value)
+        if p in self._versions:
+            self._versions[p] = p._version
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
