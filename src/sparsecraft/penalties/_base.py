@@ -46,7 +46,9 @@ class Penalty:
     """A penalty ``R(x)``: an immutable value object.
 
     Subclasses declare their hyper-parameters as dataclass fields. A field whose
-    metadata says ``strength`` is validated as a non-negative finite float.
+    metadata says ``strength`` is validated as a non-negative finite float;
+    ``None`` gives the field's default, as Keras does (``L1(None)`` is
+    ``L1(0.01)``, ``L1L2(None)`` is ``L1L2(0, 0)``).
 
     Class attributes say what a penalty can do:
 
@@ -70,7 +72,11 @@ class Penalty:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.metadata.get("strength"):
-                object.__setattr__(self, f.name, check_strength(f.name, getattr(self, f.name)))
+                value = getattr(self, f.name)
+                if value is None:
+                    # Keras: L1(None), L2(None) and L1L2(None) take the class defaults.
+                    value = f.default
+                object.__setattr__(self, f.name, check_strength(f.name, value))
         self._validate()
 
     def _validate(self) -> None:
