@@ -63,16 +63,17 @@ def update(optimizer: Any, config: dict[str, Any]) -> None:
     floor = 0.5 / numel  # half an element: log density stays finite at 100 % zeros
     error = ops.log(ops.maximum(1.0 - measured, floor)) - ops.log(ops.maximum(1.0 - target_now, floor))
     error = ops.clip(error, -1.0, 1.0)
-    last, trend = state["last_error"], state["trend"]
+    last, trend = ops.convert_to_tensor(state["last_error"]), ops.convert_to_tensor(state["trend"])
+    gain_now = ops.convert_to_tensor(state["gain_now"])
     gain0 = config["gain"]
-    gain = ops.where(state["gain_now"] > 0, state["gain_now"], gain0)  # 0: not started yet
+    gain = ops.where(gain_now > 0, gain_now, gain0)  # 0: not started yet
     sign = error * last
     gain = ops.where(sign < 0, ops.maximum(gain * 0.7, gain0 * 0.2),
                      ops.where(sign > 0, ops.minimum(gain * 1.05, 1.0), gain))
     keep = ops.where(error * trend < 0, 0.5, 0.99)
     new_trend = ops.clip(keep * trend + config["drift"] * gain * error, -0.5, 0.5)
-    log_scale = ops.clip(optimizer._log_scale + gain * error + new_trend, -LOG_BOUND, LOG_BOUND)
+    log_scale = ops.clip(ops.convert_to_tensor(optimizer._log_scale) + gain * error + new_trend, -LOG_BOUND, LOG_BOUND)
     for var, new in ((optimizer._log_scale, log_scale), (state["last_error"], error),
                      (state["gain_now"], gain), (state["trend"], new_trend),
                      (state["measured"], measured), (state["target_now"], target_now)):
-        var.assign(ops.where(due, ops.cast(new, "float32"), var))
+        var.assign(ops.where(due, ops.cast(new, "float32"), ops.convert_to_tensor(var)))

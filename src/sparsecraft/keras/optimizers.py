@@ -42,6 +42,11 @@ def _prox_regularizer(variable: Any) -> ProximalRegularizer | None:
     return None
 
 
+def _read(variable: Any) -> Any:
+    """A variable's value as a tensor (JAX's jnp functions refuse Keras variables under jit)."""
+    return ops.convert_to_tensor(variable)
+
+
 def _family(optimizer: keras.optimizers.Optimizer) -> str | None:
     for cls in type(optimizer).__mro__:
         if cls.__module__.startswith("keras") and cls.__name__ in _KNOWN:
@@ -200,7 +205,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
 
     def strength_scale(self) -> Any:
         """The multiplier on the strengths of the zero-making terms (TargetSparsity moves it)."""
-        return ops.exp(self._log_scale)
+        return ops.exp(_read(self._log_scale))
 
     # -- stepping ----------------------------------------------------------------------
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
@@ -225,20 +230,21 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         active = [(k, v) for k, g, v in zip(slots, grads, tvars, strict=True) if k is not None and g is not None]
         if self.mode == "latent":
             for k, v in active:
-                z = ops.where(self._gammas[k] > 0, self._latents[k], v)  # γ = 0: not started
+                z = ops.where(_read(self._gammas[k]) > 0, _read(self._latents[k]), _read(v))  # γ = 0: not started
                 v.assign(ops.cast(z, v.dtype))
         self.inner_optimizer.apply(grads, tvars)
-        scale = ops.exp(self._log_scale)
+        scale = ops.exp(_read(self._log_scale))
         for k, v in active:
             reg = self._regs[k]
             m = scale if reg.makes_zeros else 1.0
             if self.mode == "latent":
-                self._latents[k].assign(ops.copy(v))  # a copy: on JAX assign would share v's buffer
-                self._gammas[k].assign(self._gammas[k] + lr)
-                step = ops.cast(self._gammas[k] * m, v.dtype)
+                self._latents[k].assign(ops.copy(_read(v)))  # a copy: on JAX assign would share v's buffer
+                gamma = _read(self._gammas[k]) + lr
+                self._gammas[k].assign(gamma)
+                step = ops.cast(gamma * m, v.dtype)
             else:
                 step = self._step(k, v, lr) * ops.cast(m, v.dtype)
-            v.assign(reg.prox(ops.convert_to_tensor(v), step))
+            v.assign(reg.prox(_read(v), step))
         if self._control is not None:
             _control.update(self, self._control)
 
@@ -268,23 +274,23 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             return lr
         idx = self._slots[k]
         if family == "Adam":
-            v2 = inner._velocity_hats[idx] if inner.amsgrad else inner._velocities[idx]
+            v2 = _read(inner._velocity_hats[idx] if inner.amsgrad else inner._velocities[idx])
             t = ops.cast(inner.iterations, dtype)  # already incremented: the step just taken
             coef = lr * ops.sqrt(1.0 - ops.power(ops.cast(inner.beta_2, dtype), t))
             return coef / (self._floored(k, ops.sqrt(v2)) + inner.epsilon)
         if family == "Adagrad":
-            return lr / ops.sqrt(self._floored(k, ops.sqrt(inner._accumulators[idx])) ** 2 + inner.epsilon)
+            return lr / ops.sqrt(self._floored(k, ops.sqrt(_read(inner._accumulators[idx]))) ** 2 + inner.epsilon)
         # RMSprop: Keras divides by sqrt(v − ḡ² + ε) (ε inside the root).
-        second = inner._velocities[idx]
+        second = _read(inner._velocities[idx])
         if inner.centered:
-            second = second - ops.square(inner._average_gradients[idx])
+            second = second - ops.square(_read(inner._average_gradients[idx]))
         root = ops.sqrt(ops.maximum(second, 0.0))
         return lr / ops.sqrt(self._floored(k, root) ** 2 + inner.epsilon)
 
     def _floored(self, k: int, root: Any) -> Any:
         if self.floor == 0:
             return root
-        ref = ops.maximum(self._typical[k], ops.cast(ops.mean(root), "float32"))
+        ref = ops.maximum(_read(self._typical[k]), ops.cast(ops.mean(root), "float32"))
         self._typical[k].assign(ref)
         return ops.maximum(root, ops.cast(ref * self.floor, root.dtype))
 
@@ -293,7 +299,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         total = ops.convert_to_tensor(0.0, "float32")
         for k, i in enumerate(self._slots):
             if self._regs[k].makes_zeros:
-                total = total + count_zeros(self._trainable_variables[i])
+                total = total + count_zeros(_read(self._trainable_variables[i]))
         return total
 
     # -- serialization -----------------------------------------------------------------
