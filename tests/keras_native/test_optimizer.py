@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, batches, dense_model, mse_grad, soft
 from keras import ops
+from keras_problems import BACKEND, batches, dense_model, mse_grad, soft
 
 from sparsecraft.keras import optimizers as O
 from sparsecraft.keras import regularizers as R

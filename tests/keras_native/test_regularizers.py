@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from keras_problems import BACKEND
 
 from sparsecraft.keras import regularizers as R
 
@@ -25,6 +26,11 @@ IDS = ["l1", "l1_default", "l2", "l1l2", "l1l2_l2_only", "orth_columns", "orth_d
 @pytest.mark.parametrize(("ours", "theirs"), PAIRS, ids=IDS)
 def test_values_equal_keras(ours, theirs, dtype) -> None:
     x = ops.convert_to_tensor(np.random.default_rng(1).normal(size=(6, 5)), dtype=dtype)
+    if BACKEND == "tensorflow" and dtype == "float64" and isinstance(theirs(), keras.regularizers.OrthogonalRegularizer):
+        # Keras's class multiplies a float32 factor by float64 there and fails; compare in float32.
+        theirs_value = ops.convert_to_numpy(theirs()(ops.cast(x, "float32")))
+        assert ops.convert_to_numpy(ours()(x)) == pytest.approx(float(theirs_value), rel=1e-6)
+        return
     a, b = ops.convert_to_numpy(ours()(x)), ops.convert_to_numpy(theirs()(x))
     assert a.dtype == b.dtype
     assert a == b

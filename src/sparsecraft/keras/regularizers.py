@@ -21,7 +21,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from ._math import at_least_float32, group_soft_threshold, other_axes, safe_norm, shrink, soft_threshold
+from ._math import (
+    at_least_float32,
+    group_soft_threshold,
+    other_axes,
+    safe_norm,
+    shrink,
+    soft_threshold,
+)
 
 __all__ = [
     "ProximalRegularizer",
@@ -273,7 +280,8 @@ class OrthogonalRegularizer(ProximalRegularizer):
 
     ``R(x) = factor·0.5·Σ|off-diagonal of the Gram matrix of the L2-normalised
     rows (or columns)| / (n(n−1)/2)``, for a rank-2 ``x`` (default ``factor=0.01``,
-    ``mode="rows"``). Computed by Keras's own class, so the values are Keras's.
+    ``mode="rows"``). The same operations as Keras's class, with ``factor``
+    cast to the input's dtype (Keras's fails on float64 under TensorFlow).
     """
 
     def __init__(self, factor: float | None = 0.01, mode: str = "rows"):
@@ -281,10 +289,20 @@ class OrthogonalRegularizer(ProximalRegularizer):
         if mode not in ("rows", "columns"):
             raise ValueError(f"Expected mode in ('rows', 'columns'). Received: mode={mode!r}")
         self.mode = mode
-        self._keras = keras.regularizers.OrthogonalRegularizer(self.factor, mode)
 
     def _value(self, x):
-        return self._keras(x)
+        if len(x.shape) != 2:
+            raise ValueError(f"Expected a rank-2 input for OrthogonalRegularizer. Received: shape={tuple(x.shape)}")
+        if self.mode == "rows":
+            x = ops.normalize(x, axis=1)
+            product, size = ops.matmul(x, ops.transpose(x)), x.shape[0]
+        else:
+            x = ops.normalize(x, axis=0)
+            product, size = ops.matmul(ops.transpose(x), x), x.shape[1]
+        off_diagonal = product * (1.0 - ops.eye(size, dtype=x.dtype))
+        pairs = size * (size - 1.0) / 2.0
+        factor = ops.cast(np.float32(self.factor), x.dtype)  # Keras keeps factor as a float32 tensor
+        return factor * 0.5 * ops.sum(ops.absolute(off_diagonal)) / pairs
 
     def formula(self, symbol: str = "x") -> str:
         return f"{_fmt(self.factor)}·0.5·Σ|offdiag({symbol}̂{symbol}̂ᵀ)| / pairs ({self.mode})"
