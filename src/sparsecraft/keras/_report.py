@@ -192,7 +192,8 @@ def _layers(model: Any) -> list:
 
 def _layer_outputs(model: keras.Model, layers: list, x: Any) -> list:
     try:
-        probe = keras.Model(model.inputs, [la.output for la in layers])
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        probe = keras.Model(inputs, [la.output for la in layers])
     except (AttributeError, ValueError) as e:
         raise ValueError(
             "Expected a Functional or Sequential model with known inputs to evaluate activity terms "
