@@ -16,11 +16,15 @@ def _kernel(model) -> np.ndarray:
     return ops.convert_to_numpy(model.layers[-1].kernel).astype(np.float64)
 
 
-def test_sgd_with_schedule_matches_numpy_forward_backward(lasso) -> None:
+@pytest.mark.parametrize("loss_scale", [False, True], ids=["plain", "inside_loss_scale_optimizer"])
+def test_sgd_with_schedule_matches_numpy_forward_backward(lasso, loss_scale) -> None:
     x, y = lasso
     lr = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=20, decay_rate=0.5)
     model = dense_model(R.L1(0.2))
-    model.compile(optimizer=O.ProximalOptimizer(keras.optimizers.SGD(lr, momentum=0.5)), loss="mse")
+    opt = O.ProximalOptimizer(keras.optimizers.SGD(lr, momentum=0.5))
+    if loss_scale:  # float32 scaling by powers of 2 is exact: the same weights are expected
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    model.compile(optimizer=opt, loss="mse")
     model.fit(x, y, batch_size=16, epochs=10, shuffle=False, verbose=0)
 
     w, vel = np.full((12, 1), 0.5), np.zeros((12, 1))
@@ -158,5 +162,7 @@ def test_constructor_errors() -> None:
         O.ProximalOptimizer(inner, mode="lazy")
     with pytest.raises(ValueError, match="floor"):
         O.ProximalOptimizer(inner, floor=2.0)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
+        O.ProximalOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=4))
     with pytest.raises(TypeError, match="wrap only once"):
         O.ProximalOptimizer(O.ProximalOptimizer(inner))

@@ -14,6 +14,7 @@ Xiao 2010, and torchao's prototype PAT). The torch library's
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -45,6 +46,13 @@ def _prox_regularizer(variable: Any) -> ProximalRegularizer | None:
 def _read(variable: Any) -> Any:
     """A variable's value as a tensor (JAX's jnp functions refuse Keras variables under jit)."""
     return ops.convert_to_tensor(variable)
+
+
+def _tracing_tensorflow() -> bool:
+    """True inside a TensorFlow graph trace: where TF builds optimizers, after the loss."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    return not sys.modules["tensorflow"].executing_eagerly()
 
 
 def _family(optimizer: keras.optimizers.Optimizer) -> str | None:
@@ -86,7 +94,8 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
 
     Raises:
         TypeError: ``inner_optimizer`` is not a Keras optimizer, or is a ProximalOptimizer.
-        ValueError: a bad ``mode`` or ``floor``.
+        ValueError: a bad ``mode`` or ``floor``, or an inner optimizer with
+            ``gradient_accumulation_steps``.
 
     Example:
         >>> opt = ProximalOptimizer(keras.optimizers.Adam(1e-3))
@@ -112,6 +121,13 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"Expected mode in {_MODES}. Received: mode={mode!r}")
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"Expected floor in [0, 1]. Received: floor={floor!r}")
+        if inner_optimizer.gradient_accumulation_steps:
+            # The inner optimizer then updates every n-th step only; a prox at every step would
+            # shrink weights that did not move.
+            raise ValueError(
+                "Expected an inner optimizer without gradient accumulation. Received: "
+                f"gradient_accumulation_steps={inner_optimizer.gradient_accumulation_steps}"
+            )
         if kwargs:
             raise ValueError(
                 f"ProximalOptimizer takes no base optimizer arguments (set them on the inner optimizer). "
@@ -131,6 +147,11 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
+        if not (getattr(self, "_building_in_step", False) or _tracing_tensorflow()):
+            # Built before training (Keras's symbolic build on JAX and torch, or by hand): a
+            # loss computed earlier (model.losses called by the user) is not this step's loss.
+            for v in var_list:
+                v._sparsecraft_in_loss = False
         slots, regs = [], []
         for i, v in enumerate(var_list):
             reg = _prox_regularizer(v)
@@ -140,10 +161,6 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             regs.append(reg)
             v._sparsecraft_prox = reg
             v.regularizer = None  # the term leaves model.losses: the prox applies it
-        for v in var_list:
-            # Flags left by symbolic passes (Keras builds the loss symbolically before fit on
-            # JAX and torch) do not mean that a traced loss holds the term: see apply().
-            v._sparsecraft_in_loss = False
         # Plain Python data: storing model variables on an optimizer would track them as its own.
         self._slots = slots
         self._regs = regs
@@ -216,12 +233,10 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
                     "Expected trainable_variables on the first apply() (or call build() first). "
                     "Received: trainable_variables=None"
                 )
-            tvars = list(trainable_variables)
-            in_loss = [getattr(v, "_sparsecraft_in_loss", False) for v in tvars]
-            self.build(tvars)
+            self._building_in_step = True  # this step's loss already holds the terms
+            self.build(list(trainable_variables))
+            self._building_in_step = False
             self.built = True
-            for v, flag in zip(tvars, in_loss, strict=True):
-                v._sparsecraft_in_loss = flag  # built inside this step: its loss holds the terms
         tvars = self._trainable_variables if trainable_variables is None else list(trainable_variables)
         grads = list(grads)
         slots = [self._slot_of.get(self._get_variable_index(v)) for v in tvars]

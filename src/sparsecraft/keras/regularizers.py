@@ -14,6 +14,7 @@ them out of ``model.losses``.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -42,6 +43,8 @@ __all__ = [
     "deserialize",
 ]
 
+# keras.SymbolicScope is public; its module's in_symbolic_scope() is what Keras's layers ask.
+_in_symbolic_scope = importlib.import_module(keras.SymbolicScope.__module__).in_symbolic_scope
 _PACKAGE = "sparsecraft"
 _register = keras.saving.register_keras_serializable(package=_PACKAGE)
 
@@ -74,9 +77,10 @@ class ProximalRegularizer(keras.regularizers.Regularizer):
     makes_zeros = False
 
     def __call__(self, x: Any) -> Any:
-        if isinstance(x, keras.Variable):
+        if isinstance(x, keras.Variable) and not _in_symbolic_scope():
             # Read by ProximalOptimizer when it is built inside the first traced train step
             # (TensorFlow builds optimizers lazily): that loss already holds this term.
+            # Symbolic passes (Keras's shape inference before fit) compute no real loss.
             x._sparsecraft_in_loss = True
         return self.value(x)
 
