@@ -118,6 +118,8 @@ def test_activity_and_value_only_terms_stay_in_the_loss(lasso) -> None:
     assert len(model.losses) == 2  # orthogonal kernel term + activity term
     opt.release()
     assert layer.bias.regularizer == R.L1(0.1)
+    model(x[:2])
+    assert len(model.losses) == 3  # the bias term is back in the loss
 
 
 def test_save_and_load_round_trip_continues_identically(lasso, tmp_path) -> None:

@@ -152,18 +152,20 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             # loss computed earlier (model.losses called by the user) is not this step's loss.
             for v in var_list:
                 v._sparsecraft_in_loss = False
-        slots, regs = [], []
+        slots, regs, originals = [], [], []
         for i, v in enumerate(var_list):
             reg = _prox_regularizer(v)
             if reg is None:
                 continue
             slots.append(i)
             regs.append(reg)
+            originals.append(v.regularizer or reg)  # Keras's own L1 object stays the user's
             v._sparsecraft_prox = reg
             v.regularizer = None  # the term leaves model.losses: the prox applies it
         # Plain Python data: storing model variables on an optimizer would track them as its own.
         self._slots = slots
         self._regs = regs
+        self._originals = originals
         self._slot_of = {i: k for k, i in enumerate(slots)}
         shapes = [tuple(var_list[i].shape) for i in slots]
         self._numel = [math.prod(s) for s in shapes]
@@ -188,8 +190,10 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
 
     def release(self) -> None:
         """Hand the terms back to the loss: each claimed variable gets its regularizer back."""
-        for i, reg in zip(self._slots, self._regs, strict=True):
-            self._trainable_variables[i].regularizer = reg
+        for i, reg in zip(self._slots, self._originals, strict=True):
+            v = self._trainable_variables[i]
+            v.regularizer = reg
+            v._sparsecraft_prox = None
 
     @property
     def variables(self) -> list:
