@@ -114,6 +114,8 @@ def test_bad_values_raise_keras_style() -> None:
         R.L2(float("nan"))
     with pytest.raises(ValueError, match="Received: name='l3'"):
         R.get("l3")
+    with pytest.raises(ValueError, match="Received: factor=None"):
+        R.OrthogonalRegularizer(None)  # as Keras's: only L1, L2, L1L2 take defaults for None
     with pytest.raises(ValueError, match="weights"):
         R.GroupLasso(weights="size")
     with pytest.raises(TypeError, match="closed-form prox"):

@@ -49,9 +49,9 @@ _PACKAGE = "sparsecraft"
 _register = keras.saving.register_keras_serializable(package=_PACKAGE)
 
 
-def _strength(name: str, value: Any, default: float) -> float:
-    """A non-negative finite float; ``None`` gives Keras's default, as Keras does."""
-    if value is None:
+def _strength(name: str, value: Any, default: float | None = None) -> float:
+    """A non-negative finite float; ``None`` gives ``default`` where Keras does (L1, L2, L1L2)."""
+    if value is None and default is not None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise ValueError(f"Expected a non-negative finite float for `{name}`. Received: {name}={value!r}")
@@ -234,8 +234,8 @@ class GroupLasso(ProximalRegularizer):
 
     proximable = makes_zeros = True
 
-    def __init__(self, strength: float | None = 0.01, axis: int = -1, weights: str = "sqrt_size"):
-        self.strength = _strength("strength", strength, 0.01)
+    def __init__(self, strength: float = 0.01, axis: int = -1, weights: str = "sqrt_size"):
+        self.strength = _strength("strength", strength)
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"Expected an int axis. Received: axis={axis!r}")
         if weights not in _WEIGHTS:
@@ -288,8 +288,8 @@ class OrthogonalRegularizer(ProximalRegularizer):
     cast to the input's dtype (Keras's fails on float64 under TensorFlow).
     """
 
-    def __init__(self, factor: float | None = 0.01, mode: str = "rows"):
-        self.factor = _strength("factor", factor, 0.01)
+    def __init__(self, factor: float = 0.01, mode: str = "rows"):
+        self.factor = _strength("factor", factor)
         if mode not in ("rows", "columns"):
             raise ValueError(f"Expected mode in ('rows', 'columns'). Received: mode={mode!r}")
         self.mode = mode
