@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The Keras-native tests run once per backend, each in its own process (the torch
+# run is part of the main suite); --confcutdir keeps the torch-importing tests/conftest.py out.
 test: setup
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 tests
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -q -n 0 --confcutdir=tests/keras_native tests/keras_native
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -n 0 --confcutdir=tests/keras_native tests/keras_native
 
 demo: setup
 	$(BIN)/sparsecraft demo

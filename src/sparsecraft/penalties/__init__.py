@@ -40,9 +40,27 @@ _ALIASES = {
     "elastic_net": "l1l2",
     "elasticnet": "l1l2",
     "orthogonalregularizer": "orthogonal",
+    "orthogonal_regularizer": "orthogonal",
     "grouplasso": "group_lasso",
     "sparsegrouplasso": "sparse_group_lasso",
 }
+
+
+# Keys that Keras's serialized form carries besides "class_name" and "config".
+_KERAS_KEYS = ("module", "registered_name", "shared_object_id")
+# sparsecraft.keras.GroupLasso groups the slices along an axis of a Keras kernel (in, out):
+# axis -1 (output units / channels) is the torch weight's dim 0 ("rows"), axis -2 its dim 1.
+_KERAS_GROUP_AXES = {-1: "rows", -2: "columns"}
+
+
+def _group_lasso_from_keras(config: dict[str, Any]) -> dict[str, Any]:
+    axis = config.pop("axis")
+    if axis not in _KERAS_GROUP_AXES:
+        raise ValueError(
+            f"Expected axis -1 or -2 for a Keras GroupLasso config (output or input units). "
+            f"Received: axis={axis!r}"
+        )
+    return {**config, "groups": _KERAS_GROUP_AXES[axis]}
 
 
 def names() -> list[str]:
@@ -100,7 +118,13 @@ def get(identifier: Any) -> Penalty:
     * ``"l1:1e-4"``, ``"l1l2:1e-5:1e-4"``, ``"group_lasso:1e-3:rows"``: values fill the
       penalty's fields in order (see each class);
     * ``{"name": "l1", "config": {"l1": 1e-4}}`` (or Keras's ``class_name`` key),
-      or a flat ``{"name": "l1", "l1": 1e-4}``.
+      or a flat ``{"name": "l1", "l1": 1e-4}``;
+    * Keras's serialized regularizers: ``keras.regularizers.serialize(r)`` and the
+      ``kernel_regularizer``/``activity_regularizer`` entries of ``model.get_config()``
+      (their ``module``/``registered_name`` keys are ignored), Keras's
+      ``OrthogonalRegularizer`` (``"orthogonal_regularizer"``) and
+      ``sparsecraft.keras`` regularizers (a ``GroupLasso`` over axis -1 becomes
+      ``groups="rows"`` of the torch weight, axis -2 ``"columns"``).
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad values.
@@ -118,9 +142,17 @@ def get(identifier: Any) -> Penalty:
         if not isinstance(name, str):
             raise ValueError(f"Expected a config dict with a 'name' key. Received: {identifier!r}")
         inner = cfg.pop("config", None)
+        if inner is not None:
+            # keras.regularizers.serialize() and model.get_config() add where the class lives.
+            for key in _KERAS_KEYS:
+                cfg.pop(key, None)
         if inner is not None and cfg:
             raise ValueError(f"Expected either 'config' or flat keys, not both. Received: {identifier!r}")
-        return _lookup(name).from_config(inner if inner is not None else cfg)
+        cls = _lookup(name)
+        config = dict(inner if inner is not None else cfg)
+        if cls is GroupLasso and "axis" in config:
+            config = _group_lasso_from_keras(config)
+        return cls.from_config(config)
     raise TypeError(
         f"Expected a Penalty, a name, a spec string or a config dict. Received: {type(identifier).__name__}"
     )

@@ -47,6 +47,9 @@ class Penalty:
 
     Subclasses declare their hyper-parameters as dataclass fields. A field whose
     metadata says ``strength`` is validated as a non-negative finite float.
+    Where ``none_is_default`` (Keras's ``L1``, ``L2``, ``L1L2``), ``None``
+    gives the field's default, as Keras does (``L1(None)`` is ``L1(0.01)``,
+    ``L1L2(None)`` is ``L1L2(0, 0)``); elsewhere it is refused.
 
     Class attributes say what a penalty can do:
 
@@ -60,6 +63,7 @@ class Penalty:
     proximable: ClassVar[bool] = False
     separable: ClassVar[bool] = False
     makes_zeros: ClassVar[bool] = False
+    none_is_default: ClassVar[bool] = False
 
     def __init_subclass__(cls, register: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -70,7 +74,11 @@ class Penalty:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.metadata.get("strength"):
-                object.__setattr__(self, f.name, check_strength(f.name, getattr(self, f.name)))
+                value = getattr(self, f.name)
+                if value is None and self.none_is_default:
+                    # Keras: L1(None), L2(None) and L1L2(None) take the class defaults.
+                    value = f.default
+                object.__setattr__(self, f.name, check_strength(f.name, value))
         self._validate()
 
     def _validate(self) -> None:

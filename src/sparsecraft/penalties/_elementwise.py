@@ -14,7 +14,7 @@ from ._base import Penalty, fmt, strength
 
 @dataclasses.dataclass(frozen=True)
 class L1(Penalty, register="l1"):
-    """Lasso: ``R(x) = l1·Σ|x|`` (Keras ``L1``, default ``l1=0.01``).
+    """Lasso: ``R(x) = l1·Σ|x|`` (Keras ``L1``, default ``l1=0.01``, also for ``None``).
 
     prox: soft thresholding, ``sign(v)·max(|v| − t·l1, 0)``.
     """
@@ -22,6 +22,7 @@ class L1(Penalty, register="l1"):
     l1: float = strength(0.01)
     symbolic = "l1·Σ|x|"
     proximable = separable = makes_zeros = True
+    none_is_default = True
 
     def _value(self, x: Tensor) -> Tensor:
         return self.l1 * x.abs().sum()
@@ -37,7 +38,7 @@ class L1(Penalty, register="l1"):
 
 @dataclasses.dataclass(frozen=True)
 class L2(Penalty, register="l2"):
-    """Ridge, Keras's convention (no ½): ``R(x) = l2·Σx²`` (default ``l2=0.01``).
+    """Ridge, Keras's convention (no ½): ``R(x) = l2·Σx²`` (default ``l2=0.01``, also for ``None``).
 
     prox: ``v / (1 + 2·t·l2)``. Shrinks, never makes zeros.
     """
@@ -45,6 +46,7 @@ class L2(Penalty, register="l2"):
     l2: float = strength(0.01)
     symbolic = "l2·Σx²"
     proximable = separable = True
+    none_is_default = True
 
     def _value(self, x: Tensor) -> Tensor:
         return self.l2 * x.square().sum()
@@ -60,7 +62,7 @@ class L2(Penalty, register="l2"):
 
 @dataclasses.dataclass(frozen=True)
 class L1L2(Penalty, register="l1l2"):
-    """Elastic net, Keras's convention: ``R(x) = l1·Σ|x| + l2·Σx²`` (defaults 0, 0 as Keras).
+    """Elastic net, Keras's convention: ``R(x) = l1·Σ|x| + l2·Σx²`` (defaults 0, 0 as Keras, also for ``None``).
 
     prox: ``soft_threshold(v, t·l1) / (1 + 2·t·l2)``.
 
@@ -74,6 +76,7 @@ class L1L2(Penalty, register="l1l2"):
     l2: float = strength(0.0)
     symbolic = "l1·Σ|x| + l2·Σx²"
     proximable = separable = makes_zeros = True
+    none_is_default = True
 
     @classmethod
     def from_sklearn(cls, alpha: float, l1_ratio: float = 0.5) -> L1L2:
