@@ -83,6 +83,7 @@ def test_compact_bn_cnn_removes_dead_channels_and_folds_constants():
     assert small.features[3].in_channels == 6 and small.features[3].out_channels == 10
     assert small.features[6].out_channels == 12 and small.features[7].num_features == 12
     assert small.head.in_features == 12 * 40
+    assert "1 constant input channel(s) kept" in _reasons(report)["features.3"]
     assert report.max_abs_diff <= TOL
     assert _diff(small(x), m(x)) <= TOL
     assert report.params_after < report.params_before and report.flops_after < report.flops_before

@@ -266,26 +266,40 @@ def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactRe
     The model is traced with ``torch.fx`` and every chain producer -> consumer
     through ``Linear``, ``Conv1d/2d/3d`` (``groups=1``), ``BatchNorm``
     (running statistics), element-wise activations, dropout, pooling,
-    flatten and residual add/sub/mul is followed. A unit (output feature or
-    channel) is removed when no consumer needs it:
+    flatten, residual add/sub/mul, ``cat`` (not along the channels),
+    ``softmax`` and ``mean``/``sum``/``amax``/``amin`` over other dimensions
+    is followed. ``Embedding`` features are units too, and an
+    ``LSTM``/``GRU``/``RNN`` reads its input features like a Linear. A unit
+    (output feature or channel) is removed when no consumer needs it:
 
     * its consumers' weight columns for it are all zero (its value is unused), or
     * its value is a known constant: a unit whose incoming weights are all zero
-      outputs ``act(bias)`` (through BatchNorm, its shifted constant); that
-      constant is folded into the consumers' biases. A constant entering a
-      zero-padded convolution is only folded when it is 0 (borders differ otherwise).
+      outputs ``act(bias)`` (through BatchNorm, its shifted constant), an
+      all-zero embedding column outputs 0; that constant is folded into the
+      consumers' biases. A constant entering a zero-padded convolution is only
+      folded when it is 0 (borders differ otherwise; the report says so).
 
-    Layers and operations it cannot follow (other layer types, shared modules,
-    modules whose forward cannot be traced, reshapes other than flatten,
-    concatenation, ...) are left as they are, the units flowing through them
-    are kept, and ``report.skipped`` says which and why. Model outputs keep all
-    their units. Every resized layer keeps at least one unit.
+    Inside every ``nn.TransformerEncoderLayer``, dead FFN neurons (zero rows of
+    ``linear1``, their constant ``act(b1)`` folded into ``linear2``, or zero
+    columns of ``linear2``) and dead attention heads (zero value weights, their
+    constant folded into ``out_proj``, or zero ``out_proj`` columns) are
+    removed; a layer that loses heads becomes a :class:`CompactEncoderLayer`.
+    A head with zero query or key weights attends uniformly and is kept.
+
+    Layers and operations it cannot follow (other layer types, LayerNorm, the
+    hidden units of recurrent layers, shared modules or tied weights, modules
+    whose forward cannot be traced, reshapes other than flatten, ...) are left
+    as they are, the units flowing through them are kept, and
+    ``report.skipped`` says which and why. Model outputs keep all their units.
+    Every resized layer keeps at least one unit.
 
     The original model is not modified. The result is a copy of it (same
-    classes; only Linear/Conv/BatchNorm submodules are replaced by smaller
-    ones) in eval mode: its outputs equal the original's eval-mode outputs up
-    to float rounding (``report.max_abs_diff`` is measured on the example
-    inputs). A Linear/Conv without bias gets one when a constant is folded into it.
+    classes, except the replaced layers) in eval mode, without the hooks
+    sparsecraft registered on the original (a training ``Regularizer``'s
+    activity hooks would otherwise record the copy's outputs): its outputs
+    equal the original's eval-mode outputs up to float rounding
+    (``report.max_abs_diff`` is measured on the example inputs). A layer
+    without bias gets one when a constant is folded into it.
 
     Args:
         model: The model to compact.
@@ -296,7 +310,8 @@ def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactRe
         ``(compacted_model, report)``; see :class:`CompactReport`.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or the inputs do not fit it.
+        TypeError: If ``model`` is not a torch ``nn.Module`` built from torch
+            layers (a Keras 3 model is refused), or the inputs do not fit it.
     """
     check_torch_model(model, "compact")
     args, kwargs = call_args(model, example_inputs)

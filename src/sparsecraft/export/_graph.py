@@ -406,6 +406,12 @@ class _Analyser:
             read = column_nonzero(module, layout.rep).any(0)
             foldable = layout.is_const.clone()
             if folds_only_zero(module):
+                blocked = read & layout.is_const & (layout.const != 0)
+                if blocked.any():
+                    self.result.skipped.append((name, (
+                        f"{int(blocked.sum())} constant input channel(s) kept: a non-zero "
+                        "constant is not constant at a zero-padded border (or there is no "
+                        "bias to fold it into)")))
                 foldable &= layout.const == 0
             needed[spaces.find(layout.space)] |= read & ~foldable
         for mask in needed.values():

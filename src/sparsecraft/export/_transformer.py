@@ -75,17 +75,18 @@ class _HeadAttention(nn.Module):
             x = x.transpose(0, 1)
         n, s, _ = x.shape
         q, k, v = self.in_proj(x).view(n, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        if attn_mask is None and is_causal:
-            attn_mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+        mask = None
         if attn_mask is not None:
             if attn_mask.dim() == 3:  # [batch * orig_heads, S, S]
                 attn_mask = attn_mask.view(n, self.orig_num_heads, s, s)[:, self.heads]
-            scores = _masked(scores, attn_mask)
+            mask = _additive(attn_mask, q.dtype)
         if key_padding_mask is not None:
-            scores = _masked(scores, key_padding_mask.view(n, 1, 1, s))
-        attn = F.dropout(scores.softmax(-1), self.dropout, self.training)
-        out = (attn @ v).transpose(1, 2).reshape(n, s, self.num_heads * self.head_dim)
+            padding = _additive(key_padding_mask, q.dtype).view(n, 1, 1, s)
+            mask = padding if mask is None else mask + padding
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=bool(is_causal and mask is None), scale=1.0 / math.sqrt(self.head_dim))
+        out = out.transpose(1, 2).reshape(n, s, self.num_heads * self.head_dim)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -96,11 +97,13 @@ class _HeadAttention(nn.Module):
                 f"(of {self.orig_num_heads}), head_dim={self.head_dim}")
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MultiheadAttention's mask rule: a bool mask is True where attention is *not* allowed."""
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MultiheadAttention's mask rule as an additive mask: a bool mask is True where
+    attention is *not* allowed (``-inf``); a float mask is added to the scores."""
     if mask.dtype == torch.bool:
-        return scores.masked_fill(mask, float("-inf"))
-    return scores + mask.to(scores.dtype)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
 
 
 class CompactEncoderLayer(nn.Module):
