@@ -192,18 +192,17 @@ def _heads(layer: nn.Module) -> tuple[list[int], torch.Tensor | None, str, list[
     bo = mha.out_proj.bias
     out_bias = (bo.detach().double() if bo is not None
                 else torch.zeros(e, dtype=torch.float64, device=wo.device))
-    keep, folded = [], 0
+    keep, folds = [], {}
     for h in range(h_count):
         sl = slice(h * hd, (h + 1) * hd)
         q_zero, k_zero = bool((w[sl] == 0).all()), bool((w[e:][sl] == 0).all())
         v_zero = bool((w[2 * e:][sl] == 0).all())
-        unread = bool((wo[:, sl] == 0).all())
-        if unread:
-            continue
+        if bool((wo[:, sl] == 0).all()):
+            continue  # read by nobody
         if v_zero:
             if b is not None and bool((b[2 * e:][sl] != 0).any()):
-                out_bias = out_bias + wo[:, sl].double() @ b[2 * e:][sl].double()
-                folded += 1
+                folds[h] = wo[:, sl].double() @ b[2 * e:][sl].double()
+                out_bias = out_bias + folds[h]
             continue
         keep.append(h)
         if q_zero or k_zero:
@@ -214,12 +213,9 @@ def _heads(layer: nn.Module) -> tuple[list[int], torch.Tensor | None, str, list[
         return keep, None, "", refusals
     if not keep:
         keep = [0]  # keep one head: an empty attention has no valid shape
-        out_bias = (bo.detach().double() if bo is not None else out_bias * 0)
-        # head 0 computes its own (dead) contribution; refold the others only
-        for h in range(1, h_count):
-            sl = slice(h * hd, (h + 1) * hd)
-            if b is not None and not bool((wo[:, sl] == 0).all()):
-                out_bias = out_bias + wo[:, sl].double() @ b[2 * e:][sl].double()
+        if 0 in folds:  # head 0 computes its constant itself again
+            out_bias = out_bias - folds.pop(0)
+    folded = len(folds)
     needs_bias = bo is not None or bool((out_bias != 0).any())
     note = (f"{h_count - len(keep)} of {h_count} attention heads removed "
             f"({folded} with zero value weights, their constant folded into out_proj.bias)")
