@@ -91,10 +91,16 @@ def test_compact_bn_cnn_removes_dead_channels_and_folds_constants():
 
 # ---------------------------------------------------------------------------- causal transformer
 class _TinyGPT(nn.Module):
-    """Tied Embedding/output, 2 TransformerEncoderLayers (batch_first) with a causal mask."""
+    """Tied Embedding/output, 2 TransformerEncoderLayers (batch_first) with a causal mask.
 
-    def __init__(self, vocab: int = 20, d: int = 32, heads: int = 4, ff: int = 64, T: int = 12):
+    ``sliced``: the forward slices ``pos[:T]`` with ``T = ids.shape[1]``, which
+    torch.fx cannot trace (the usual GPT code).
+    """
+
+    def __init__(self, vocab: int = 20, d: int = 32, heads: int = 4, ff: int = 64, T: int = 12,
+                 sliced: bool = False):
         super().__init__()
+        self.sliced, self.T = sliced, T
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.randn(T, d) * 0.1)
         self.layers = nn.ModuleList(
@@ -107,9 +113,10 @@ class _TinyGPT(nn.Module):
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(T))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids) + self.pos
+        T = ids.shape[1] if self.sliced else self.T
+        x = self.emb(ids) + self.pos[:T]
         for layer in self.layers:
-            x = layer(x, src_mask=self.mask, is_causal=True)
+            x = layer(x, src_mask=self.mask[:T, :T], is_causal=True)
         return self.out(self.norm(x))
 
 
@@ -129,9 +136,10 @@ def _kill(layer: nn.TransformerEncoderLayer, *, ffn_rows=(), ffn_cols=(), v_head
             layer.self_attn.in_proj_weight[h * hd:(h + 1) * hd] = 0
 
 
-def test_compact_causal_transformer_removes_ffn_neurons_and_heads():
+@pytest.mark.parametrize("sliced", [False, True])
+def test_compact_causal_transformer_removes_ffn_neurons_and_heads(sliced):
     torch.manual_seed(0)
-    m = _TinyGPT().eval()
+    m = _TinyGPT(sliced=sliced).eval()
     _kill(m.layers[0], ffn_rows=range(36), v_heads=(1,))
     _kill(m.layers[1], ffn_cols=range(10, 20), out_heads=(2,), q_heads=(3,))
     ids = torch.randint(0, 20, (3, 12))
@@ -144,7 +152,10 @@ def test_compact_causal_transformer_removes_ffn_neurons_and_heads():
     assert all(isinstance(layer, CompactEncoderLayer) for layer in small.layers)
     reasons = _reasons(report)
     assert "query weights are zero" in reasons["layers.1"]  # a uniform head is not dead
-    assert "tied" in reasons["out"]  # the tied output Linear is not resized
+    if sliced:  # the model cannot be traced; its encoder layers are still compacted
+        assert "cannot trace" in reasons[""]
+    else:
+        assert "tied" in reasons["out"]  # the tied output Linear is not resized
     assert _diff(small(ids), m(ids)) <= TOL and report.max_abs_diff <= TOL
     assert small.out.weight is small.emb.weight  # still tied
     assert report.params_after < report.params_before
@@ -294,9 +305,11 @@ def test_exported_copies_carry_no_training_hooks():
         model[2].weight[torch.rand(4, 16) < 0.8] = 0
     reg = sc.Regularizer(model)
     reg.add_activity("1", sc.L1(0.1))
+    monitor = sc.ActivationMonitor(model, modules=["1"])
     x = torch.randn(4, 8)
     model(x)
-    before = float(reg.loss())
+    before = float(reg.loss().detach())
+    seen = monitor.stats()["1"]
     assert _sparsecraft_hooks(model) > 0
     small, _ = compact(model, x)
     fast, _ = to_sparse(model, x, min_sparsity=0.0, repeats=1, warmup=0, min_speedup=1e-9)
@@ -304,9 +317,11 @@ def test_exported_copies_carry_no_training_hooks():
     for exported in (small, fast):
         assert _sparsecraft_hooks(exported) == 0
         exported(100 * torch.randn(64, 8))
-        assert float(reg.loss()) == before  # the training terms did not see the copies
+        assert float(reg.loss().detach()) == before  # the training terms did not see the copies
+    assert monitor.stats()["1"] == seen
     model(2 * x)  # the original keeps its hooks
-    assert float(reg.loss()) != before
+    assert float(reg.loss().detach()) != before
+    assert monitor.stats()["1"] != seen
 
 
 # ---------------------------------------------------------------------------- Keras (issue 13)
