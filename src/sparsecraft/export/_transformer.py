@@ -217,8 +217,9 @@ def _heads(layer: nn.Module) -> tuple[list[int], torch.Tensor | None, str, list[
             out_bias = out_bias - folds.pop(0)
     folded = len(folds)
     needs_bias = bo is not None or bool((out_bias != 0).any())
-    note = (f"{h_count - len(keep)} of {h_count} attention heads removed "
-            f"({folded} with zero value weights, their constant folded into out_proj.bias)")
+    note = f"{h_count - len(keep)} of {h_count} attention heads removed" + (
+        f" ({folded} with zero value weights: constant b_v folded into out_proj.bias)"
+        if folded else "")
     return keep, out_bias.to(wo.dtype) if needs_bias else None, note, refusals
 
 
