@@ -237,8 +237,12 @@ def _encoder_shape(layer: nn.Module) -> tuple[int, int]:
     return (layer.self_attn.num_heads, layer.linear1.out_features)
 
 
-def _compact_transformers(model: nn.Module, report: CompactReport) -> None:
-    """Removes dead FFN neurons and attention heads inside each TransformerEncoderLayer."""
+def _compact_transformers(model: nn.Module, report: CompactReport) -> nn.Module | None:
+    """Removes dead FFN neurons and attention heads inside each TransformerEncoderLayer.
+
+    Returns the new root when ``model`` itself is such a layer, else ``None``
+    (``model`` is then changed in place).
+    """
     nested = {
         id(layer) for encoder in model.modules() if isinstance(encoder, nn.TransformerEncoder)
         and getattr(encoder, "use_nested_tensor", False) for layer in encoder.layers

@@ -218,8 +218,7 @@ class _Analyser:
             self.skip(node, f"its weight is tied to {', '.join(self.tied[name])} (one shared "
                             "parameter): resizing it would untie or change the other")
             return None
-        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
-                               CompactEncoderLayer)):
+        if isinstance(module, (nn.TransformerEncoderLayer, CompactEncoderLayer)):
             self.skip(node, "its d_model features pass LayerNorm and attention: they are "
                             "kept (dead FFN neurons and heads inside it are removed separately)")
             return None
