@@ -8,6 +8,16 @@ For 90 %, 95 % and 99 % random unstructured sparsity and batch sizes 1 and
 * ``models``: the whole MLP dense vs after ``to_sparse`` (which itself times
   dense vs sparse per layer and keeps the faster), with its per-layer choices.
 
+And ``conv``: one ``Conv1d`` (64->128, k=5, length 40, the MNIST-1D CNN's
+shape, widened) and two ``Conv2d`` (64->128, 3x3, 16x16; 256->256, 3x3,
+14x14, a ResNet stage-3 shape) at 90/95/99 % random
+zeros, batch 1 and 16: dense vs :class:`SparseConv` (CSR weight x unfolded
+input) and what ``to_sparse`` chose. ``transformer``: ``compact`` on a causal
+2-layer transformer (d_model 128, 4 heads, FFN 512, tied embeddings) whose
+layers were given dead structure by hand (half of the FFN neurons and one head
+per layer zero; not a trained model): parameters, FLOPs and latency before/after.
+``--arch-only`` runs just these two and merges them into the existing JSON.
+
 And ``digits``: the demo's ``target`` run (prox L1 + TargetSparsity on the
 64-256-256-10 digits MLP, the same plan and epochs as ``sparsecraft demo``),
 trained once; its structured-zero fraction, parameters, FLOPs, file sizes and
@@ -37,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsecraft.export import SparseLinear, to_sparse
+from sparsecraft.export import SparseConv, SparseLinear, compact, to_sparse
+from sparsecraft.metrics import flops
 
 SIZE = 2048
 LAYERS = 4
@@ -160,6 +171,133 @@ def _kernels(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, repeats:
     return timed
 
 
+def _conv(quick: bool, max_wait_s: float) -> list[dict]:
+    """Dense vs SparseConv on one Conv1d and one Conv2d; what to_sparse chose."""
+    rows = []
+    shapes = {"Conv1d": (nn.Conv1d(64, 128, 5, padding=2), (64, 40)),
+              "Conv2d": (nn.Conv2d(64, 128, 3, padding=1), (64, 16, 16)),
+              "Conv2d 256": (nn.Conv2d(256, 256, 3, padding=1), (256, 14, 14))}
+    repeats = 5 if quick else 30
+    for kind, (conv, shape) in shapes.items():
+        for sparsity in SPARSITIES:
+            gen = torch.Generator().manual_seed(int(sparsity * 1000))
+            layer = nn.Sequential(conv).eval()
+            with torch.no_grad():
+                w = torch.randn(conv.weight.shape, generator=gen) * 0.05
+                w[torch.rand(conv.weight.shape, generator=gen) < sparsity] = 0
+                conv.weight.copy_(w)
+            for batch in (1, 16):
+                busy = _wait_for_quiet(0.0 if quick else max_wait_s)
+                x = torch.randn(batch, *shape, generator=gen)
+                sparse = SparseConv(conv)
+                best: dict = {}
+                timed = _median_ms({"dense": lambda m=layer, x=x: m(x),
+                                    "csr_unfold": lambda m=sparse, x=x: m(x)}, repeats, best=best)
+                chosen, report = to_sparse(layer, x, min_sparsity=0.5, repeats=repeats // 2 + 1)
+                with torch.no_grad():
+                    diff = float((chosen(x) - layer(x)).abs().max())
+                rows.append({
+                    "layer": kind.split()[0], "weight": list(conv.weight.shape), "input": [batch, *shape],
+                    "sparsity": sparsity, "batch": batch, "others_cpu_busy_before": busy,
+                    "dense_ms": round(timed["dense"], 4),
+                    "csr_unfold_ms": round(timed["csr_unfold"], 4),
+                    "speedup": round(timed["dense"] / timed["csr_unfold"], 3),
+                    "dense_min_ms": best["dense"], "csr_unfold_min_ms": best["csr_unfold"],
+                    "speedup_of_min": round(best["dense"] / best["csr_unfold"], 3),
+                    "to_sparse_chose": report.layers[0].chosen, "max_abs_diff": diff})
+    return rows
+
+
+def _transformer(quick: bool, max_wait_s: float) -> dict:
+    """compact on a causal transformer with hand-made dead FFN neurons and heads."""
+    vocab, d, heads, ff, seq = 64, 128, 4, 512, 64
+
+    class CausalLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
+            self.layers = nn.ModuleList(nn.TransformerEncoderLayer(
+                d, heads, ff, dropout=0.0, batch_first=True) for _ in range(2))
+            self.norm = nn.LayerNorm(d)
+            self.out = nn.Linear(d, vocab, bias=False)
+            self.out.weight = self.emb.weight
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            x = self.emb(ids) + self.pos
+            for layer in self.layers:
+                x = layer(x, src_mask=self.mask, is_causal=True)
+            return self.out(self.norm(x))
+
+    torch.manual_seed(0)
+    model = CausalLM().eval()
+    hd = d // heads
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.linear1.weight[: ff // 2] = 0  # half of the FFN neurons dead
+            h = i + 1  # one head per layer with zero value weights
+            layer.self_attn.in_proj_weight[2 * d + h * hd: 2 * d + (h + 1) * hd] = 0
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1))
+    small, report = compact(model, ids)
+    out = {"model": "causal LM, 2 x TransformerEncoderLayer(128, 4 heads, FFN 512), tied "
+                    "embeddings, seq 64; dead structure set by hand (not trained)",
+           "params": [report.params_before, report.params_after],
+           "flops": [report.flops_before, report.flops_after],
+           "max_abs_diff": report.max_abs_diff,
+           "layers": [{"name": c.name, "before": list(c.shape_before),
+                       "after": list(c.shape_after), "detail": c.detail} for c in report.layers],
+           "ms": {}}
+    for batch in (1, 16):
+        x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(2))
+        busy = _wait_for_quiet(0.0 if quick else max_wait_s)
+        best: dict = {}
+        timed = _median_ms({"original": lambda x=x: model(x), "compact": lambda x=x: small(x)},
+                           5 if quick else 30, best=best)
+        out["ms"][f"batch {batch}"] = {**timed, **{f"{k}_min": v for k, v in best.items()},
+                                       "others_cpu_busy_before": busy}
+    out["flops_check"] = flops(small, ids) == report.flops_after
+    with torch.no_grad():  # the scale of the logits, and torch's own fast vs slow path gap
+        fast = model(ids)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = model(ids)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    out["max_abs_output"] = float(fast.abs().max())
+    out["torch_fast_vs_slow_path_max_abs_diff"] = float((fast - slow).abs().max())
+    return out
+
+
+def run_arch(quick: bool = False, max_wait_s: float = 120.0) -> dict:
+    """Runs only ``conv`` and ``transformer`` and merges them into the existing JSON."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        arch = {"conv": _conv(quick, max_wait_s), "transformer": _transformer(quick, max_wait_s)}
+    finally:
+        torch.set_num_threads(threads)
+    if not quick:
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results.update(arch)
+        results["arch_command"] = "python benchmarks/export.py --arch-only"
+        if hasattr(os, "getloadavg"):
+            results["arch_load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    return arch
+
+
+def _print_arch(arch: dict) -> None:
+    for r in arch["conv"]:
+        print(f"{r['layer']} {r['weight']} {r['sparsity']:.2f} batch {r['batch']:>2}: dense "
+              f"{r['dense_ms']:.3f} ms (min {r['dense_min_ms']:.3f}), csr x unfold "
+              f"{r['csr_unfold_ms']:.3f} ms (min {r['csr_unfold_min_ms']:.3f}), "
+              f"to_sparse chose {r['to_sparse_chose']}, busy {r['others_cpu_busy_before']}")
+    t = arch["transformer"]
+    print(f"transformer compact: params {t['params']}, FLOPs {t['flops']}, ms {t['ms']}")
+
+
 def _digits(quick: bool, max_wait_s: float, repeats: int) -> dict:
     """The demo's target model, trained once, then compacted, sparsified and timed."""
     from sparsecraft import datasets, experiments
@@ -234,6 +372,8 @@ def run(quick: bool = False, max_wait_s: float = 120.0) -> dict:
                     "layers": report.to_dict()["layers"],
                 })
         results["digits"] = _digits(quick, max_wait_s, repeats=20 if quick else 200)
+        results["conv"] = _conv(quick, max_wait_s)
+        results["transformer"] = _transformer(quick, max_wait_s)
     finally:
         torch.set_num_threads(threads)
     if hasattr(os, "getloadavg"):
@@ -270,8 +410,14 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no waiting")
     parser.add_argument("--max-wait", type=float, default=120.0,
                         help="seconds to wait per configuration for idle CPUs (default 120)")
+    parser.add_argument("--arch-only", action="store_true",
+                        help="only the conv and transformer parts, merged into the JSON")
     cli = parser.parse_args()
+    if cli.arch_only:
+        _print_arch(run_arch(quick=cli.quick, max_wait_s=cli.max_wait))
+        raise SystemExit(0)
     out = run(quick=cli.quick, max_wait_s=cli.max_wait)
+    _print_arch(out)
     for row in out["models"]:
         print(f"sparsity {row['sparsity']:.2f} batch {row['batch']:>2}: dense "
               f"{row['dense_ms']:.3f} ms, to_sparse {row['to_sparse_ms']:.3f} ms "

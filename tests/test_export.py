@@ -403,10 +403,11 @@ def test_to_sparse_forced_choices_and_original_untouched():
 
 
 def test_to_sparse_reports_conv_as_dense_limitation():
-    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    # Conv1d/Conv2d are measured (tests/test_export_arch.py); Conv3d has no CSR path.
+    m = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4 * 4, 2))
     with torch.no_grad():
         m[0].weight.zero_()
-    _, report = to_sparse(m, torch.randn(1, 1, 6, 6), repeats=1, warmup=0)
+    _, report = to_sparse(m, torch.randn(1, 1, 6, 6, 6), repeats=1, warmup=0)
     conv = report.layers[0]
     assert conv.name == "0" and conv.chosen == "dense" and "limitation" in conv.reason
     assert conv.sparsity == 1.0

@@ -17,6 +17,7 @@ from torch import nn
 _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RNN = (nn.LSTM, nn.GRU, nn.RNN)
 
 
 @dataclass
@@ -96,13 +97,34 @@ def zero_padded(conv: nn.Module) -> bool:
     return any(p > 0 for p in conv.padding)
 
 
+def input_weight_names(rnn: nn.Module) -> list[str]:
+    """The parameters through which a recurrent layer reads its input (both directions)."""
+    return ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if rnn.bidirectional else [])
+
+
+def _input_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, _RNN):
+        return torch.cat([getattr(module, n).detach() for n in input_weight_names(module)])
+    return module.weight.detach()
+
+
+def folds_only_zero(module: nn.Module) -> bool:
+    """Whether only the constant 0 can be folded into ``module`` (padded conv, RNN without bias)."""
+    if isinstance(module, _RNN):
+        return not module.bias
+    return isinstance(module, _CONV) and zero_padded(module)
+
+
 def column_weights(module: nn.Module, rep: int) -> torch.Tensor:
     """Per input channel, the weight summed over its features (Linear) or kernel (Conv).
 
     Returns a float64 ``[out, channels]`` matrix: multiplying it by a vector of
-    constant channel values gives the contribution of those constants.
+    constant channel values gives the contribution of those constants (for a
+    recurrent layer: to the rows of ``weight_ih_l0`` and its reverse, stacked).
     """
-    w = module.weight.detach().cpu().double()
+    w = _input_weight(module).cpu().double()
+    if isinstance(module, _RNN):
+        return w
     if isinstance(module, _LINEAR):
         return w.reshape(w.shape[0], -1, rep).sum(-1)
     return w.flatten(2).sum(-1)
@@ -110,7 +132,9 @@ def column_weights(module: nn.Module, rep: int) -> torch.Tensor:
 
 def column_nonzero(module: nn.Module, rep: int) -> torch.Tensor:
     """``[out, channels]`` bool: the weights from a channel to an output unit are not all zero."""
-    w = module.weight.detach().cpu()
+    w = _input_weight(module).cpu()
+    if isinstance(module, _RNN):
+        return w != 0
     if isinstance(module, _LINEAR):
         return (w.reshape(w.shape[0], -1, rep) != 0).any(-1)
     return (w.flatten(2) != 0).any(-1)

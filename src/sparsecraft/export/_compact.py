@@ -10,8 +10,11 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from sparsecraft.export._channels import _RNN, input_weight_names
 from sparsecraft.export._graph import Analysis, Layout, analyse, column_weights
+from sparsecraft.export._hooks import check_torch_model, strip_sparsecraft_hooks
 from sparsecraft.export._trace import call_args, trace
+from sparsecraft.export._transformer import CompactEncoderLayer, compact_encoder_layer
 from sparsecraft.metrics import flops
 
 
@@ -22,14 +25,18 @@ class LayerChange:
     Attributes:
         name: Qualified module name.
         kind: Module type name.
-        shape_before: Weight shape before (``(num_features,)`` for BatchNorm).
-        shape_after: Weight shape after.
+        shape_before: Weight shape before (``(num_features,)`` for BatchNorm,
+            ``weight_ih_l0``'s for a recurrent layer, ``(num_heads, dim_feedforward)``
+            for a transformer encoder layer).
+        shape_after: The same after.
+        detail: What was removed, where the shapes do not say it all.
     """
 
     name: str
     kind: str
     shape_before: tuple[int, ...]
     shape_after: tuple[int, ...]
+    detail: str = ""
 
 
 @dataclass
@@ -131,6 +138,41 @@ def _resize_layer(
     return new
 
 
+def _resize_embedding(module: nn.Embedding, keep: torch.Tensor | None) -> nn.Module | None:
+    """A copy of an Embedding keeping the features (weight columns) ``keep``."""
+    if keep is None or keep.all():
+        return None
+    new = copy.deepcopy(module)
+    w = module.weight.detach()[:, keep.to(module.weight.device)].clone()
+    new.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
+    new.embedding_dim = w.shape[1]
+    return new
+
+
+def _resize_recurrent(module: nn.Module, layout: Layout, keep_in: torch.Tensor) -> nn.Module | None:
+    """A copy of an LSTM/GRU/RNN reading only the input features ``keep_in``.
+
+    A dropped constant input feature ``c`` adds ``W_ih[:, c] * c`` to every
+    step's input projection: it is folded into ``bias_ih_l0`` (and its reverse).
+    """
+    if keep_in.all():
+        return None
+    new = copy.deepcopy(module)
+    fold = torch.where(~keep_in & layout.is_const, layout.const, 0.0)
+    for w_name in input_weight_names(module):
+        w = getattr(module, w_name).detach()
+        if module.bias:
+            b_name = w_name.replace("weight", "bias")
+            b = getattr(module, b_name).detach().double() + w.cpu().double() @ fold
+            setattr(new, b_name, nn.Parameter(b.to(w), requires_grad=getattr(
+                module, b_name).requires_grad))
+        w_new = w[:, keep_in.to(w.device)].clone()
+        setattr(new, w_name, nn.Parameter(w_new, requires_grad=getattr(
+            module, w_name).requires_grad))
+    new.input_size = int(keep_in.sum())
+    return new
+
+
 def _resize_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module | None:
     if keep.all():
         return None
@@ -149,6 +191,8 @@ def _resize_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module | None:
 def _shape_of(module: nn.Module) -> tuple[int, ...]:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return (module.num_features,)
+    if isinstance(module, _RNN):
+        return tuple(module.weight_ih_l0.shape)
     return tuple(module.weight.shape)
 
 
@@ -161,7 +205,12 @@ def _rewrite(model: nn.Module, result: Analysis) -> list[LayerChange]:
         rows = keep[spaces.find(result.producers[name])] if name in result.producers else None
         layout = result.consumers.get(name)
         keep_in = keep[spaces.find(layout.space)] if layout is not None else None
-        new = _resize_layer(module, rows, layout, keep_in)
+        if isinstance(module, nn.Embedding):
+            new = _resize_embedding(module, rows)
+        elif isinstance(module, _RNN):
+            new = _resize_recurrent(module, layout, keep_in)
+        else:
+            new = _resize_layer(module, rows, layout, keep_in)
         if new is not None:
             changes.append(LayerChange(name, type(module).__name__, _shape_of(module),
                                        _shape_of(new)))
@@ -184,32 +233,77 @@ def _floating_like(model: nn.Module) -> torch.Tensor:
     return torch.empty(0)
 
 
+def _encoder_shape(layer: nn.Module) -> tuple[int, int]:
+    return (layer.self_attn.num_heads, layer.linear1.out_features)
+
+
+def _compact_transformers(model: nn.Module, report: CompactReport) -> nn.Module | None:
+    """Removes dead FFN neurons and attention heads inside each TransformerEncoderLayer.
+
+    Returns the new root when ``model`` itself is such a layer, else ``None``
+    (``model`` is then changed in place).
+    """
+    nested = {
+        id(layer) for encoder in model.modules() if isinstance(encoder, nn.TransformerEncoder)
+        and getattr(encoder, "use_nested_tensor", False) for layer in encoder.layers
+    }
+    done: set[int] = set()
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, nn.TransformerEncoderLayer) or id(layer) in done:
+            continue
+        done.add(id(layer))
+        new, notes, refusals = compact_encoder_layer(layer, id(layer) in nested)
+        report.skipped.extend((name, reason) for reason in refusals)
+        if new is None:
+            continue
+        report.layers.append(LayerChange(name, type(layer).__name__, _encoder_shape(layer),
+                                         _encoder_shape(new), "; ".join(notes)))
+        if layer is model:
+            return new
+        _replace(model, layer, new)
+    return None
+
+
 def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactReport]:
     """Removes zero structure from ``model``: a smaller dense model with the same outputs.
 
     The model is traced with ``torch.fx`` and every chain producer -> consumer
     through ``Linear``, ``Conv1d/2d/3d`` (``groups=1``), ``BatchNorm``
     (running statistics), element-wise activations, dropout, pooling,
-    flatten and residual add/sub/mul is followed. A unit (output feature or
-    channel) is removed when no consumer needs it:
+    flatten, residual add/sub/mul, ``cat`` (not along the channels),
+    ``softmax`` and ``mean``/``sum``/``amax``/``amin`` over other dimensions
+    is followed. ``Embedding`` features are units too, and an
+    ``LSTM``/``GRU``/``RNN`` reads its input features like a Linear. A unit
+    (output feature or channel) is removed when no consumer needs it:
 
     * its consumers' weight columns for it are all zero (its value is unused), or
     * its value is a known constant: a unit whose incoming weights are all zero
-      outputs ``act(bias)`` (through BatchNorm, its shifted constant); that
-      constant is folded into the consumers' biases. A constant entering a
-      zero-padded convolution is only folded when it is 0 (borders differ otherwise).
+      outputs ``act(bias)`` (through BatchNorm, its shifted constant), an
+      all-zero embedding column outputs 0; that constant is folded into the
+      consumers' biases. A constant entering a zero-padded convolution is only
+      folded when it is 0 (borders differ otherwise; the report says so).
 
-    Layers and operations it cannot follow (other layer types, shared modules,
-    modules whose forward cannot be traced, reshapes other than flatten,
-    concatenation, ...) are left as they are, the units flowing through them
-    are kept, and ``report.skipped`` says which and why. Model outputs keep all
-    their units. Every resized layer keeps at least one unit.
+    Inside every ``nn.TransformerEncoderLayer``, dead FFN neurons (zero rows of
+    ``linear1``, their constant ``act(b1)`` folded into ``linear2``, or zero
+    columns of ``linear2``) and dead attention heads (zero value weights, their
+    constant folded into ``out_proj``, or zero ``out_proj`` columns) are
+    removed; a layer that loses heads becomes a :class:`CompactEncoderLayer`.
+    A head with zero query or key weights attends uniformly and is kept.
+
+    Layers and operations it cannot follow (other layer types, LayerNorm, the
+    hidden units of recurrent layers, shared modules or tied weights, modules
+    whose forward cannot be traced, reshapes other than flatten, ...) are left
+    as they are, the units flowing through them are kept, and
+    ``report.skipped`` says which and why. Model outputs keep all their units.
+    Every resized layer keeps at least one unit.
 
     The original model is not modified. The result is a copy of it (same
-    classes; only Linear/Conv/BatchNorm submodules are replaced by smaller
-    ones) in eval mode: its outputs equal the original's eval-mode outputs up
-    to float rounding (``report.max_abs_diff`` is measured on the example
-    inputs). A Linear/Conv without bias gets one when a constant is folded into it.
+    classes, except the replaced layers) in eval mode, without the hooks
+    sparsecraft registered on the original (a training ``Regularizer``'s
+    activity hooks would otherwise record the copy's outputs): its outputs
+    equal the original's eval-mode outputs up to float rounding
+    (``report.max_abs_diff`` is measured on the example inputs). A layer
+    without bias gets one when a constant is folded into it.
 
     Args:
         model: The model to compact.
@@ -220,27 +314,34 @@ def compact(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, CompactRe
         ``(compacted_model, report)``; see :class:`CompactReport`.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or the inputs do not fit it.
+        TypeError: If ``model`` is not a torch ``nn.Module`` built from torch
+            layers (a Keras 3 model is refused), or the inputs do not fit it.
     """
+    check_torch_model(model, "compact")
     args, kwargs = call_args(model, example_inputs)
     work = copy.deepcopy(model).eval()
+    strip_sparsecraft_hooks(work)  # before the copy runs: its hooks would feed the user's terms
     report = CompactReport()
     with torch.no_grad():
         reference = work(*args, **kwargs)
     report.params_before = sum(p.numel() for p in work.parameters())
     report.flops_before = flops(work, example_inputs)
+    with torch.no_grad():
+        work = _compact_transformers(work, report) or work
+    result = None
     try:
-        gm, values, opaque = trace(work, args, kwargs)
+        gm, values, opaque = trace(work, args, kwargs, leaf_types=(CompactEncoderLayer,))
     except RuntimeError as err:
         report.skipped.append(("", str(err)))
-        report.params_after, report.flops_after = report.params_before, report.flops_before
-        return work, report
+    else:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*values)
+        result = analyse(gm, opaque, _floating_like(work))
+        report.skipped.extend(result.skipped)
     with torch.no_grad():
-        ShapeProp(gm).propagate(*values)
-    result = analyse(gm, opaque, _floating_like(work))
-    report.skipped = list(result.skipped)
-    with torch.no_grad():
-        report.layers = _rewrite(work, result)
+        if result is not None:
+            report.layers.extend(_rewrite(work, result))
+        work.eval()  # layers built by the rewrite start in training mode
         report.max_abs_diff = _max_abs_diff(reference, work(*args, **kwargs))
     report.params_after = sum(p.numel() for p in work.parameters())
     report.flops_after = flops(work, example_inputs)

@@ -40,8 +40,21 @@ from sparsecraft.export._channels import (
     Layout,
     column_nonzero,
     column_weights,
+    folds_only_zero,
     zero_padded,
 )
+from sparsecraft.export._graph_ops import (
+    FEATURE_NORMS,
+    function_rule,
+    is_recurrent,
+    visit_cat,
+    visit_embedding,
+    visit_feature_norm,
+    visit_recurrent,
+    visit_reduce,
+    visit_softmax,
+)
+from sparsecraft.export._transformer import CompactEncoderLayer
 
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -98,6 +111,15 @@ class _Analyser:
         self.direct = {
             n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"
         }
+        # A parameter shared by two modules (tied embedding/output weights) cannot be
+        # resized for one of them without untying or changing the other.
+        owners: dict[int, list[str]] = {}
+        for mod_name, mod in gm.named_modules():
+            for p in mod.parameters(recurse=False):
+                if mod_name not in owners.setdefault(id(p), []):
+                    owners[id(p)].append(mod_name)
+        self.tied = {n: [o for o in names if o != n] for names in owners.values()
+                     if len(names) > 1 for n in names}
 
     # ------------------------------------------------------------------ helpers
     def skip(self, node: fx.Node, reason: str) -> None:
@@ -192,6 +214,14 @@ class _Analyser:
         if name in self.direct:
             self.skip(node, "its parameters are read directly in forward")
             return None
+        if name in self.tied:
+            self.skip(node, f"its weight is tied to {', '.join(self.tied[name])} (one shared "
+                            "parameter): resizing it would untie or change the other")
+            return None
+        if isinstance(module, (nn.TransformerEncoderLayer, CompactEncoderLayer)):
+            self.skip(node, "its d_model features pass LayerNorm and attention: they are "
+                            "kept (dead FFN neurons and heads inside it are removed separately)")
+            return None
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if src is None or len(node.args) != 1 or node.kwargs:
             self.skip(node, "it is not called with exactly one tensor input")
@@ -201,6 +231,14 @@ class _Analyser:
         kind = type(module)
         if kind in _LINEAR or (kind in _CONV and module.groups == 1):
             return self.visit_layer(node, name, module, layout)
+        if kind is nn.Embedding:
+            if layout is not None:
+                self.pins.append(layout.space)
+            return visit_embedding(self, node, name, module)
+        if is_recurrent(module):
+            return visit_recurrent(self, node, name, module, layout)
+        if isinstance(module, FEATURE_NORMS):
+            return visit_feature_norm(self, node, module)
         if getattr(module, "inplace", False) and len(src.users) > 1:
             self.skip(node, "an in-place op on a tensor that is also read elsewhere")
             return None
@@ -276,6 +314,14 @@ class _Analyser:
         if self.inplace_alias(node, key):
             self.skip(node, "an in-place op on a tensor that is also read elsewhere")
             return None
+        rule = function_rule(key)
+        if rule == "cat":
+            return visit_cat(self, node, out_shape)
+        if rule is not None and layout is not None and not _nodes_in(
+                (node.args[1:], node.kwargs)):
+            if rule == "softmax":
+                return visit_softmax(self, node, layout, out_shape)
+            return visit_reduce(self, node, layout, out_shape)
         if key in _BINARY and len(node.args) == 2 and not node.kwargs:
             return self.visit_binary(node, _BINARY[key], out_shape)
         scalars_only = not _nodes_in((node.args[1:], node.kwargs))
@@ -358,7 +404,13 @@ class _Analyser:
             module = self.gm.get_submodule(name)
             read = column_nonzero(module, layout.rep).any(0)
             foldable = layout.is_const.clone()
-            if isinstance(module, _CONV) and zero_padded(module):
+            if folds_only_zero(module):
+                blocked = read & layout.is_const & (layout.const != 0)
+                if blocked.any():
+                    self.result.skipped.append((name, (
+                        f"{int(blocked.sum())} constant input channel(s) kept: a non-zero "
+                        "constant is not constant at a zero-padded border (or there is no "
+                        "bias to fold it into)")))
                 foldable &= layout.const == 0
             needed[spaces.find(layout.space)] |= read & ~foldable
         for mask in needed.values():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsecraft.export._hooks import check_torch_model, strip_sparsecraft_hooks
+from sparsecraft.export._sparse_conv import CONVS, SparseConv
 from sparsecraft.export._trace import call_args
 
 KERNELS = ("auto", "addmm", "linear")
@@ -139,7 +141,8 @@ class SparseChoice:
         sparsity: Fraction of exact zeros in the weight.
         dense_ms: Median latency of the dense layer (ms), ``None`` if not measured.
         sparse_ms: Median latency of the fastest sparse kernel (ms), ``None`` if not measured.
-        kernel: The fastest sparse kernel, ``None`` if not measured.
+        kernel: The fastest sparse kernel, ``None`` if not measured (``"unfold"``
+            for a convolution: :class:`SparseConv`).
         chosen: ``"sparse"`` or ``"dense"``.
         reason: Why.
     """
@@ -202,7 +205,7 @@ def _capture_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Modu
             seen[module] = inputs[0].detach()
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Linear)]
+               if isinstance(m, (nn.Linear, *CONVS))]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -227,21 +230,25 @@ def to_sparse(
     min_speedup: float = 1.1,
     kernels: tuple[str, ...] = KERNELS,
 ) -> tuple[nn.Module, SparseReport]:
-    """Replaces ``Linear`` layers by :class:`SparseLinear` where that is measured faster.
+    """Replaces ``Linear``/``Conv1d``/``Conv2d`` layers by CSR ones where that is measured faster.
 
-    For each ``nn.Linear`` with at least ``min_sparsity`` exact zeros, the
-    dense layer and each sparse kernel are timed on the input that layer
-    receives for ``example_inputs`` (median of ``repeats`` runs after
-    ``warmup``), with the current ``torch.get_num_threads()``. The layer is
-    replaced when ``dense_ms / sparse_ms >= min_speedup`` (the default 1.1
-    leaves a margin for timing noise, so that a replaced layer is not slower).
-    The decision holds for that input shape: re-run for another batch size.
+    For each ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (``groups=1``)
+    with at least ``min_sparsity`` exact zeros, the dense layer and each
+    sparse candidate are timed on the input that layer receives for
+    ``example_inputs`` (median of ``repeats`` runs after ``warmup``), with the
+    current ``torch.get_num_threads()``. The layer is replaced when
+    ``dense_ms / sparse_ms >= min_speedup`` (the default 1.1 leaves a margin
+    for timing noise, so that a replaced layer is not slower). The decision
+    holds for that input shape: re-run for another batch size.
 
-    Convolutions are a documented limitation: they are left dense (PyTorch has
-    no sparse convolution kernel for CSR weights on CPU) and listed in the
-    report as such.
+    A Linear becomes a :class:`SparseLinear` (kernels below); a convolution
+    becomes a :class:`SparseConv` (CSR weight times the unfolded input, kernel
+    ``"unfold"``). ``Conv3d`` and grouped convolutions are left dense and
+    listed in the report with the reason.
 
-    The original model is not modified; the result is a copy in eval mode.
+    The original model is not modified; the result is a copy in eval mode
+    without the hooks sparsecraft registered on the original (a training
+    ``Regularizer``'s activity hooks, activation monitors).
 
     Args:
         model: The model.
@@ -255,7 +262,13 @@ def to_sparse(
 
     Returns:
         ``(model, report)``; see :class:`SparseReport`.
+
+    Raises:
+        ValueError: If an argument is out of range.
+        TypeError: If ``model`` is not a torch model (a Keras model included) or
+            the inputs do not fit it.
     """
+    check_torch_model(model, "to_sparse")
     min_sparsity = _check_fraction(min_sparsity, "min_sparsity")
     for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -268,20 +281,23 @@ def to_sparse(
         raise ValueError("Expected at least one kernel. Received: kernels=()")
     args, kwargs = call_args(model, example_inputs)
     work = copy.deepcopy(model).eval()
+    strip_sparsecraft_hooks(work)  # before the copy runs: its hooks would feed the user's terms
     inputs = _capture_inputs(work, args, kwargs)
     report = SparseReport()
     replacements: list[tuple[nn.Module, nn.Module]] = []
     for name, module in work.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        conv = type(module) in CONVS and module.groups == 1
+        if isinstance(module, nn.modules.conv._ConvNd) and not conv:
             w = module.weight.detach()
             report.layers.append(SparseChoice(
                 name, type(module).__name__, tuple(w.shape), float((w == 0).float().mean()),
-                None, None, None, "dense", "convolution: no CSR kernel, left dense (limitation)"))
-        if type(module) is not nn.Linear:
+                None, None, None, "dense", "Conv3d, transposed or grouped convolution: no CSR "
+                "kernel, left dense (limitation)"))
+        if type(module) is not nn.Linear and not conv:
             continue
         w = module.weight.detach()
         sparsity = float((w == 0).float().mean()) if w.numel() else 0.0
-        row = dict(name=name, kind="Linear", shape=tuple(w.shape), sparsity=sparsity)
+        row = dict(name=name, kind=type(module).__name__, shape=tuple(w.shape), sparsity=sparsity)
         if sparsity < min_sparsity:
             report.layers.append(SparseChoice(**row, dense_ms=None, sparse_ms=None, kernel=None,
                                               chosen="dense", reason="below min_sparsity"))
@@ -292,7 +308,10 @@ def to_sparse(
             continue
         x = inputs[module]
         candidates = {"dense": module}
-        candidates.update({k: SparseLinear.from_linear(module, k) for k in kernels})
+        if conv:
+            candidates["unfold"] = SparseConv(module)
+        else:
+            candidates.update({k: SparseLinear.from_linear(module, k) for k in kernels})
         timed = median_ms(candidates, x, repeats, warmup)
         dense_ms = timed.pop("dense")
         kernel = min(timed, key=timed.get)
@@ -303,7 +322,7 @@ def to_sparse(
             reason=f"measured speed-up {dense_ms / timed[kernel]:.2f}x "
                    f"({'>=' if faster else '<'} min_speedup {min_speedup})"))
         if faster:
-            replacements.append((module, SparseLinear.from_linear(module, kernel)))
+            replacements.append((module, candidates[kernel]))
     for old, new in replacements:
         if old is work:
             return new.eval(), report
