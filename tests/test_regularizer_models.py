@@ -310,7 +310,7 @@ def test_keras_layers_and_variables_give_keras_losses(keras) -> None:
                            activity_regularizer=regs.L1(0.3)),
         keras.layers.Dense(3, name="d2", kernel_initializer=init.GlorotUniform(seed=2),
                            kernel_regularizer=regs.L1L2(0.01, 0.02)),
-    ])
+    ], name="sequential")  # named: Keras numbers unnamed models per process (sequential_2, ...)
     d1, d2 = model.layers
     reg = Regularizer(model)
     (k1,) = reg.add_weight(d1, sc.L1(0.1))
