@@ -21,7 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
+from sparsecraft.export._io_modules import (
+    COMPACT_ENCODER,
+    ENCODER_PARTS,
+    SPARSE_CONV,
+    build_compact_encoder,
+    build_sparse_conv,
+    encoder_getters,
+)
 from sparsecraft.export._sparse import KERNELS, SparseLinear
+from sparsecraft.export._sparse_conv import SparseConv
+from sparsecraft.export._transformer import CompactEncoderLayer
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
          "groups", "bias", "padding_mode")
@@ -60,6 +70,8 @@ LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
     "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
     "SparseLinear": (SparseLinear, ("in_features", "out_features", "bias", "kernel")),
+    "SparseConv": (SparseConv, SPARSE_CONV),
+    "CompactEncoderLayer": (CompactEncoderLayer, COMPACT_ENCODER),
     "Embedding": (nn.Embedding, _EMBEDDING),
     "LSTM": (nn.LSTM, (*_RNN, "proj_size")), "GRU": (nn.GRU, _RNN),
     "MultiheadAttention": (nn.MultiheadAttention, _MHA),
@@ -69,7 +81,11 @@ LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
 }  # fmt: skip
 # settings that are layers themselves: setting -> the layer types allowed there
 _NESTED = {("TransformerEncoder", "encoder_layer"): ("TransformerEncoderLayer",),
-           ("TransformerEncoder", "norm"): ("LayerNorm",)}
+           ("TransformerEncoder", "norm"): ("LayerNorm",),
+           **{("CompactEncoderLayer", name): allowed
+              for name, (_, allowed) in ENCODER_PARTS.items()}}
+# layers built by code of their own rather than by their constructor and ``load_state_dict``
+_CUSTOM = (SparseLinear, SparseConv, CompactEncoderLayer)
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
@@ -77,7 +93,7 @@ def _encoder_activation(layer: nn.TransformerEncoderLayer) -> str:
     for name, fn in _ACTIVATIONS.items():
         if layer.activation is fn:
             return name
-    raise _unsupported(f"a TransformerEncoderLayer activation {layer.activation!r} (only the "
+    raise _unsupported(f"a {type(layer).__name__} activation {layer.activation!r} (only the "
                        "strings 'relu' and 'gelu' can be saved)")
 
 
@@ -102,6 +118,7 @@ _GETTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("TransformerEncoderLayer", "layer_norm_eps"): lambda m: m.norm1.eps,
     ("TransformerEncoderLayer", "batch_first"): lambda m: m.self_attn.batch_first,
     ("TransformerEncoderLayer", "bias"): lambda m: m.linear1.bias is not None,
+    **encoder_getters(lambda m, where: layer_spec(m, where), _encoder_activation),
 }
 _WEIGHTS_ONLY = (
     "To keep the weights only, save them with safetensors.torch.save_model(model, path) "
@@ -149,7 +166,38 @@ def layer_spec(module: nn.Module, where: str) -> dict[str, Any]:
         if nested is not None and nested["type"] not in allowed:
             raise _unsupported(f"{setting} of {where or '<root>'!r} of type {nested['type']} "
                                f"(expected {', '.join(allowed)})")
-    return {"type": name, "config": {k: _jsonable(v) for k, v in config.items()}}
+    spec = {"type": name, "config": {k: _jsonable(v) for k, v in config.items()}}
+    if not issubclass(LAYERS[name][0], _CUSTOM):
+        _check_parts(module, spec, where)
+    return spec
+
+
+def _check_parts(module: nn.Module, spec: dict[str, Any], where: str) -> None:
+    """Refuses a layer whose parts or tensors are not those its constructor makes.
+
+    ``load`` rebuilds a layer from its settings: a part replaced after
+    construction (``to_sparse`` putting a :class:`SparseLinear` into an
+    ``nn.TransformerEncoderLayer``) or an extra tensor would not load, so it is
+    refused at ``save`` time instead of writing a file that cannot be read.
+    """
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = _instantiate(spec, ValueError)
+    have = dict(module.named_modules())
+    for path, part in fresh.named_modules():
+        got = have.get(path)
+        got_type = None if got is None else type(got)
+        if got is not None and parametrize.is_parametrized(got):
+            got_type = got_type.__bases__[0]
+        if got_type is not type(part):
+            raise _unsupported(
+                f"layer {where or '<root>'!r} of type {spec['type']} whose part {path!r} is "
+                f"{'missing' if got is None else got_type.__name__}, not the "
+                f"{type(part).__name__} that {spec['type']} builds")
+    extra = sorted(set(layer_state(module)) ^ set(fresh.state_dict()))
+    if extra:
+        raise _unsupported(f"layer {where or '<root>'!r} of type {spec['type']} with tensors "
+                           f"{extra[:5]} that {spec['type']} does not build")
 
 
 def _jsonable(value: Any) -> Any:
@@ -202,6 +250,13 @@ def build_layer(spec: Any, where: str, own: dict[str, torch.Tensor],
     if not isinstance(spec, dict) or set(spec) != {"type", "config"} or spec["type"] not in LAYERS:
         raise invalid(f"layer spec {spec!r:.200} at {where or '<root>'!r}")
     cls = LAYERS[spec["type"]][0]
+    if cls is SparseConv:
+        return build_sparse_conv(_settings(spec, invalid), own, invalid)
+    if cls is CompactEncoderLayer:
+        return build_compact_encoder(
+            _settings(spec, invalid), own,
+            lambda part, path, tensors: build_layer(part, f"{where}.{path}".lstrip("."),
+                                                    tensors, invalid), invalid)
     if cls is SparseLinear:
         config = _settings(spec, invalid)
         if config["kernel"] not in KERNELS or set(own) != (

@@ -83,6 +83,57 @@ class SparseConv(nn.Module):
         self.columns = int(flat.shape[1])
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
 
+    @classmethod
+    def from_csr(
+        cls, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+        bias: torch.Tensor | None, *, dims: int, in_channels: int, out_channels: int,
+        kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+        pre_pad: tuple[int, ...], pre_pad_mode: str,
+    ) -> SparseConv:
+        """Rebuilds a SparseConv from its CSR buffers and settings (what ``save`` stores).
+
+        Raises:
+            ValueError: If a setting is out of range or the CSR components do not
+                describe an ``[out_channels, in_channels * prod(kernel_size)]`` matrix.
+        """
+        def pair(name: str, value) -> tuple[int, int]:
+            if not (isinstance(value, tuple) and len(value) == 2 and all(
+                    type(v) is int and v >= 1 for v in value) and (dims == 2 or value[0] == 1)):
+                raise ValueError(f"Expected {name} to be 2 positive ints (the first 1 for a "
+                                 f"Conv1d). Received: {name}={value!r:.100}")
+            return value
+
+        if dims not in (1, 2) or not all(type(n) is int and n >= 1
+                                          for n in (in_channels, out_channels)):
+            raise ValueError("Expected dims in (1, 2) and positive channel counts. Received: "
+                             f"dims={dims!r}, in_channels={in_channels!r}, "
+                             f"out_channels={out_channels!r}")
+        if not (isinstance(pre_pad, tuple) and len(pre_pad) in (0, 2 * dims)
+                and all(type(p) is int and p >= 0 for p in pre_pad)) \
+                or pre_pad_mode not in ("constant", "reflect", "replicate", "circular"):
+            raise ValueError("Expected pre_pad of 0 or 2 * dims non-negative ints and an F.pad "
+                             f"mode. Received: pre_pad={pre_pad!r:.100}, "
+                             f"pre_pad_mode={pre_pad_mode!r:.50}")
+        conv = cls.__new__(cls)
+        nn.Module.__init__(conv)
+        conv.dims, conv.in_channels, conv.out_channels = dims, in_channels, out_channels
+        conv.kernel_size = pair("kernel_size", kernel_size)
+        conv.stride, conv.dilation = pair("stride", stride), pair("dilation", dilation)
+        conv.pre_pad, conv.pre_pad_mode = pre_pad, pre_pad_mode
+        conv.columns = in_channels * math.prod(conv.kernel_size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            torch.sparse_csr_tensor(crow_indices.to(torch.int64), col_indices.to(torch.int64),
+                                    values, (out_channels, conv.columns), check_invariants=True)
+        conv.register_buffer("crow_indices", crow_indices.to(torch.int32))
+        conv.register_buffer("col_indices", col_indices.to(torch.int32))
+        conv.register_buffer("values", values)
+        if bias is not None and tuple(bias.shape) != (out_channels,):
+            raise ValueError(f"Expected a bias of shape ({out_channels},). Received: "
+                             f"bias.shape={tuple(bias.shape)}")
+        conv.bias = nn.Parameter(bias) if bias is not None else None
+        return conv
+
     @property
     def nnz(self) -> int:
         """Number of stored (non-zero) weights."""
