@@ -121,9 +121,9 @@ def build_compact_encoder(config: dict[str, Any], own: dict[str, torch.Tensor],
         template = nn.TransformerEncoderLayer(
             e, n, 1, dropout=float(config["attn_dropout"]), activation=config["activation"],
             batch_first=config["batch_first"], norm_first=config["norm_first"])
+    # built outside the meta context: its (non-persistent) ``heads`` index is a real tensor
     layer = CompactEncoderLayer(template, list(heads), None)
     for path, part in parts.items():
         owner, _, leaf = path.rpartition(".")
         setattr(layer.get_submodule(owner), leaf, part)
-    layer.self_attn.heads = torch.tensor(heads, dtype=torch.long)  # not in the state_dict
     return layer
