@@ -234,8 +234,31 @@ def test_compact_encoder_layer_as_root_keeps_its_settings(tmp_path):
         assert torch.equal(loaded(x, **kwargs), small(x, **kwargs)), kwargs
 
 
+def test_to_sparse_keeps_torch_encoder_layer_parts_dense_and_the_model_round_trips(tmp_path):
+    # only FFN neurons dead: compact keeps nn.TransformerEncoderLayer, whose eval fast path
+    # reads linear1.weight; a SparseLinear there raised AttributeError in forward
+    torch.manual_seed(9)
+    m = _TinyLM()
+    _kill(m.layers[0], ffn_rows=range(30))
+    with torch.no_grad():
+        m.layers[1].linear2.weight[torch.rand(32, 48) < 0.8] = 0
+    m.eval()
+    ids = torch.randint(0, 20, (2, 8))
+    small, _ = compact(m, ids)
+    assert type(small.layers[0]) is nn.TransformerEncoderLayer
+    fast, report = to_sparse(small, ids, min_sparsity=0.0, repeats=1, warmup=0,
+                             min_speedup=1e-9)
+    rows = {r.name: r for r in report.layers}
+    assert rows["layers.1.linear2"].chosen == "dense"
+    assert "TransformerEncoderLayer" in rows["layers.1.linear2"].reason
+    assert type(fast.layers[1].linear2) is nn.Linear and isinstance(fast.head, SparseLinear)
+    loaded = _round_trip(fast, tmp_path)
+    assert torch.equal(loaded(ids), fast(ids))
+    assert (loaded(ids) - m(ids)).abs().max() <= TOL
+
+
 def test_save_refuses_a_sparse_linear_inside_a_torch_encoder_layer(tmp_path):
-    # all heads alive: compact keeps nn.TransformerEncoderLayer, to_sparse swaps its linear1
+    # put there by hand (to_sparse leaves these parts dense): load could not rebuild it
     torch.manual_seed(5)
     layer = nn.TransformerEncoderLayer(16, 2, 24, batch_first=True).eval()
     layer.linear1 = SparseLinear.from_linear(layer.linear1)

@@ -285,6 +285,10 @@ def to_sparse(
     inputs = _capture_inputs(work, args, kwargs)
     report = SparseReport()
     replacements: list[tuple[nn.Module, nn.Module]] = []
+    # nn.TransformerEncoderLayer's forward reads linear1/linear2.weight for its fused fast
+    # path (eval, batch_first): a SparseLinear there breaks the layer, so they stay dense
+    fused = {id(part) for layer in work.modules() if isinstance(layer, nn.TransformerEncoderLayer)
+             for part in (layer.linear1, layer.linear2)}
     for name, module in work.named_modules():
         conv = type(module) in CONVS and module.groups == 1
         if isinstance(module, nn.modules.conv._ConvNd) and not conv:
@@ -298,6 +302,12 @@ def to_sparse(
         w = module.weight.detach()
         sparsity = float((w == 0).float().mean()) if w.numel() else 0.0
         row = dict(name=name, kind=type(module).__name__, shape=tuple(w.shape), sparsity=sparsity)
+        if id(module) in fused:
+            report.layers.append(SparseChoice(
+                **row, dense_ms=None, sparse_ms=None, kernel=None, chosen="dense",
+                reason="part of an nn.TransformerEncoderLayer, whose fast path reads its dense "
+                       "weight: left dense (a CompactEncoderLayer from compact takes sparse parts)"))
+            continue
         if sparsity < min_sparsity:
             report.layers.append(SparseChoice(**row, dense_ms=None, sparse_ms=None, kernel=None,
                                               chosen="dense", reason="below min_sparsity"))
