@@ -234,6 +234,37 @@ def test_compact_encoder_layer_as_root_keeps_its_settings(tmp_path):
         assert torch.equal(loaded(x, **kwargs), small(x, **kwargs)), kwargs
 
 
+@pytest.mark.parametrize("nested, kills", [
+    (True, ({"ffn_rows": range(8)}, {"ffn_rows": range(3), "out_heads": (1,)})),
+    (False, ({"v_heads": (0,)}, {"ffn_rows": range(3)})),
+    (False, ({"out_heads": (2,)}, {"v_heads": (1, 3)})),
+])
+def test_compacted_transformer_encoder_with_differing_layers_round_trips(tmp_path, nested,
+                                                                         kills):
+    # compact resizes each layer on its own: the stack's layers no longer share settings
+    torch.manual_seed(10)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2,
+                                nn.LayerNorm(16), enable_nested_tensor=nested)
+    for layer, kill in zip(enc.layers, kills, strict=True):
+        _kill(layer, **kill)
+    enc.eval()
+    x = torch.randn(2, 6, 16)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    small, _ = compact(enc, (x,))
+    kinds = [type(layer) for layer in small.layers]
+    loaded = _round_trip(small, tmp_path)
+    config = json.loads(_stored(tmp_path / "m.safetensors")[0]["sparsecraft.structure"])
+    assert [spec["type"] for spec in config["root"]["config"]["layers"]] == [
+        kind.__name__ for kind in kinds]  # one spec a layer: they differ
+    assert [type(layer) for layer in loaded.layers] == kinds
+    assert loaded.use_nested_tensor == small.use_nested_tensor
+    with torch.no_grad():  # the nested fast path runs without autograd
+        for kwargs in ({}, {"src_key_padding_mask": padding}):
+            assert torch.equal(loaded(x, **kwargs), small(x, **kwargs)), kwargs
+            assert (loaded(x, **kwargs) - enc(x, **kwargs)).abs().max() <= TOL
+
+
 def test_to_sparse_keeps_torch_encoder_layer_parts_dense_and_the_model_round_trips(tmp_path):
     # only FFN neurons dead: compact keeps nn.TransformerEncoderLayer, whose eval fast path
     # reads linear1.weight; a SparseLinear there raised AttributeError in forward

@@ -77,7 +77,8 @@ LAYERS: dict[str, tuple[type, tuple[str, ...]]] = {
     "MultiheadAttention": (nn.MultiheadAttention, _MHA),
     "TransformerEncoderLayer": (nn.TransformerEncoderLayer, _ENCODER),
     "TransformerEncoder": (nn.TransformerEncoder, ("encoder_layer", "num_layers", "norm",
-                                                   "enable_nested_tensor", "mask_check")),
+                                                   "enable_nested_tensor", "mask_check",
+                                                   "layers")),
 }  # fmt: skip
 # settings that are layers themselves: setting -> the layer types allowed there
 _NESTED = {("TransformerEncoder", "encoder_layer"): ("TransformerEncoderLayer",),
@@ -97,15 +98,42 @@ def _encoder_activation(layer: nn.TransformerEncoderLayer) -> str:
                        "strings 'relu' and 'gelu' can be saved)")
 
 
-def _stacked_layer(stack: nn.TransformerEncoder) -> dict[str, Any]:
+_STACKED = ("TransformerEncoderLayer", "CompactEncoderLayer")
+
+
+def _stacked_layers(stack: nn.TransformerEncoder) -> list[dict[str, Any]] | None:
+    """Each layer's spec where they differ (``compact`` resizes each layer on its own),
+    else ``None``: the layers are ``num_layers`` copies of ``encoder_layer``."""
     specs = [layer_spec(layer, f"layers.{i}") for i, layer in enumerate(stack.layers)]
-    if any(spec != specs[0] for spec in specs):
-        raise _unsupported("a TransformerEncoder whose layers differ in their settings")
-    return specs[0]
+    for i, spec in enumerate(specs):
+        if spec["type"] not in _STACKED:
+            raise _unsupported(f"layers.{i} of a TransformerEncoder of type {spec['type']} "
+                               f"(expected {', '.join(_STACKED)})")
+    return None if all(spec == specs[0] for spec in specs) else specs
+
+
+def _template(stack: nn.TransformerEncoder) -> dict[str, Any]:
+    """The ``encoder_layer`` a TransformerEncoder is rebuilt from: its first
+    ``nn.TransformerEncoderLayer``, else the one its first CompactEncoderLayer was made from
+    (its settings decide ``use_nested_tensor``; differing layers replace the copies)."""
+    for i, layer in enumerate(stack.layers):
+        if type(layer) is nn.TransformerEncoderLayer:
+            return layer_spec(layer, f"layers.{i}")
+    first = stack.layers[0]
+    if type(first) is not CompactEncoderLayer:
+        raise _unsupported(f"layers.0 of a TransformerEncoder of type {type(first).__name__} "
+                           f"(expected {', '.join(_STACKED)})")
+    config = {"d_model": first.self_attn.embed_dim, "nhead": first.self_attn.orig_num_heads,
+              "dim_feedforward": first.linear1.out_features, "dropout": first.dropout.p,
+              "activation": _encoder_activation(first), "layer_norm_eps": first.norm1.eps,
+              "batch_first": first.self_attn.batch_first, "norm_first": first.norm_first,
+              "bias": first.linear1.bias is not None}
+    return {"type": "TransformerEncoderLayer", "config": config}
 
 
 _GETTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
-    ("TransformerEncoder", "encoder_layer"): _stacked_layer,
+    ("TransformerEncoder", "encoder_layer"): lambda m: _template(m),
+    ("TransformerEncoder", "layers"): _stacked_layers,
     ("TransformerEncoder", "norm"): lambda m: None if m.norm is None else layer_spec(m.norm,
                                                                                      "norm"),
     ("MultiheadAttention", "bias"): lambda m: m.in_proj_bias is not None,
@@ -184,7 +212,12 @@ def _check_parts(module: nn.Module, spec: dict[str, Any], where: str) -> None:
         warnings.simplefilter("ignore")
         fresh = _instantiate(spec, ValueError)
     have = dict(module.named_modules())
+    # per-layer specs of a TransformerEncoder: each layer was checked as a layer of its own
+    mine = (lambda path: not path.startswith("layers.")) if spec["config"].get("layers") \
+        else (lambda path: True)
     for path, part in fresh.named_modules():
+        if not mine(path):
+            continue
         got = have.get(path)
         got_type = None if got is None else type(got)
         if got is not None and parametrize.is_parametrized(got):
@@ -194,7 +227,7 @@ def _check_parts(module: nn.Module, spec: dict[str, Any], where: str) -> None:
                 f"layer {where or '<root>'!r} of type {spec['type']} whose part {path!r} is "
                 f"{'missing' if got is None else got_type.__name__}, not the "
                 f"{type(part).__name__} that {spec['type']} builds")
-    extra = sorted(set(layer_state(module)) ^ set(fresh.state_dict()))
+    extra = sorted(k for k in set(layer_state(module)) ^ set(fresh.state_dict()) if mine(k))
     if extra:
         raise _unsupported(f"layer {where or '<root>'!r} of type {spec['type']} with tensors "
                            f"{extra[:5]} that {spec['type']} does not build")
@@ -271,10 +304,24 @@ def build_layer(spec: Any, where: str, own: dict[str, torch.Tensor],
         # of construction (TransformerEncoder's nested-tensor note) were shown at training
         warnings.simplefilter("ignore")
         module = _instantiate(spec, invalid)
+    if cls is nn.TransformerEncoder and spec["config"]["layers"] is not None:
+        _stack_layers(module, spec["config"]["layers"], where, own, invalid)
     module.load_state_dict(own, strict=True, assign=True)
     if isinstance(module, nn.RNNBase):
         module.flatten_parameters()
     return module
+
+
+def _stack_layers(stack: nn.TransformerEncoder, specs: Any, where: str,
+                  own: dict[str, torch.Tensor], invalid: Callable[[str], ValueError]) -> None:
+    """Puts the layers of a TransformerEncoder whose layers differ in place of its copies."""
+    if not isinstance(specs, list) or len(specs) != len(stack.layers) or not all(
+            isinstance(spec, dict) and spec.get("type") in _STACKED for spec in specs):
+        raise invalid(f"TransformerEncoder layers {specs!r:.200}")
+    for i, spec in enumerate(specs):
+        prefix = f"layers.{i}."
+        tensors = {k[len(prefix):]: t for k, t in own.items() if k.startswith(prefix)}
+        stack.layers[i] = build_layer(spec, f"{where}.{prefix}".strip("."), tensors, invalid)
 
 
 def _settings(spec: dict[str, Any], invalid: Callable[[str], ValueError]) -> dict[str, Any]:
@@ -289,6 +336,8 @@ def _instantiate(spec: Any, invalid: Callable[[str], ValueError]) -> nn.Module:
     """Constructs a layer (on the current default device) from its validated description."""
     name = spec["type"]
     config = _settings(spec, invalid)
+    if name == "TransformerEncoder":
+        config.pop("layers")  # not a constructor argument: build_layer puts them in
     for (owner, setting), allowed in _NESTED.items():
         if owner == name and config[setting] is not None:
             nested = config[setting]
