@@ -4,9 +4,9 @@ File layout (one ``.safetensors`` file):
 
 * tensors: each distinct tensor of the model's layers once, under the first
   qualified name that reaches it (``"0.weight"``, ``"block.conv1.bias"``); a
-  :class:`SparseLinear` stores its CSR components ``crow_indices``,
-  ``col_indices`` (int32) and ``values``, so its size grows with the number of
-  non-zeros, not with the dense shape;
+  :class:`SparseLinear` or :class:`SparseConv` stores its CSR components
+  ``crow_indices``, ``col_indices`` (int32) and ``values``, so its size grows
+  with the number of non-zeros, not with the dense shape;
 * metadata ``sparsecraft.structure``: JSON describing how to rebuild the model
   from an allowlist of layer types (``_layers``), either a tree of
   ``nn.Sequential`` (a module used twice appears once, then as ``{"ref": path}``)
@@ -181,13 +181,19 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     and tensors tied between layers (``head.weight = emb.weight``) stay one
     object after loading. A layer pruned with ``torch.nn.utils.prune`` or
     re-parametrised with ``parametrize`` is saved as the plain layer it
-    computes as (``weight = weight_orig * weight_mask``).
+    computes as (``weight = weight_orig * weight_mask``). Hooks are not
+    saved: tracing runs none of them, and ``load`` builds fresh layers.
 
     Supported layers (``LAYERS``): Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d,
     LayerNorm, the common activations, Dropout, Flatten, pooling, Embedding,
     LSTM, GRU, MultiheadAttention, TransformerEncoderLayer (activation "relu"
-    or "gelu"), TransformerEncoder (identical layers, optional LayerNorm) and
-    :class:`SparseLinear` (stored as CSR).
+    or "gelu"), TransformerEncoder (optional LayerNorm; layers that differ,
+    as ``compact`` leaves them, are stored one by one), and what ``compact``
+    and ``to_sparse`` make: :class:`SparseLinear` and :class:`SparseConv`
+    (stored as CSR) and :class:`CompactEncoderLayer` (its parts may be
+    SparseLinear). A supported layer whose parts are not those its
+    constructor makes (a SparseLinear put into an ``nn.TransformerEncoderLayer``)
+    is refused, since it could not be rebuilt.
 
     The file is written to a temporary file in the same folder and renamed
     over ``path``: a failed save leaves an existing file unchanged and no

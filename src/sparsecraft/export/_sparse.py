@@ -244,7 +244,10 @@ def to_sparse(
     A Linear becomes a :class:`SparseLinear` (kernels below); a convolution
     becomes a :class:`SparseConv` (CSR weight times the unfolded input, kernel
     ``"unfold"``). ``Conv3d`` and grouped convolutions are left dense and
-    listed in the report with the reason.
+    listed in the report with the reason, and so are ``linear1``/``linear2``
+    of an ``nn.TransformerEncoderLayer`` (its eval fast path reads their dense
+    weights); the parts of a :class:`CompactEncoderLayer` are replaced like
+    any Linear.
 
     The original model is not modified; the result is a copy in eval mode
     without the hooks sparsecraft registered on the original (a training
