@@ -357,6 +357,27 @@ def test_load_refuses_crafted_compact_encoder_settings(tmp_path, setting, value,
         load(path)
 
 
+@pytest.mark.parametrize("layers", [
+    [{"type": "Linear", "config": {"in_features": 16, "out_features": 16, "bias": True}}] * 2,
+    "drop the second",
+])
+def test_load_refuses_crafted_transformer_encoder_layers(tmp_path, layers):
+    torch.manual_seed(11)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    _kill(enc.layers[0], ffn_rows=range(4))
+    small, _ = compact(enc.eval(), (torch.randn(2, 3, 16),))
+    path = tmp_path / "m.safetensors"
+    save(small, path)
+    metadata, tensors = _stored(path)
+    structure = json.loads(metadata["sparsecraft.structure"])
+    config = structure["root"]["config"]
+    config["layers"] = config["layers"][:1] if layers == "drop the second" else layers
+    _resign(path, structure, tensors)
+    with pytest.raises(ValueError, match="valid sparsecraft model file.*TransformerEncoder layers"):
+        load(path)
+
+
 # ---------------------------------------------------------------------------- hooks
 class _Block(nn.Module):
     def __init__(self) -> None:
