@@ -405,6 +405,13 @@ def _sparsecraft_hooks(model: nn.Module) -> int:
 def test_save_neither_runs_nor_stores_training_hooks(tmp_path):
     torch.manual_seed(8)
     model = _Net()
+    calls: list[str] = []
+
+    def probe(module, args, out):  # counts as sparsecraft's: records what it is given
+        calls.append(type(out).__name__)
+
+    probe.__module__ = "sparsecraft.probe"
+    model.block.register_forward_hook(probe)
     reg = sc.Regularizer(model)
     reg.add_activity("block", sc.L1(0.1))  # a hook on a module that tracing steps into
     monitor = sc.ActivationMonitor(model, modules=["block", "head"])
@@ -412,7 +419,12 @@ def test_save_neither_runs_nor_stores_training_hooks(tmp_path):
     model(x)
     loss, seen = float(reg.loss().detach()), monitor.stats()
     assert _sparsecraft_hooks(model) > 0
-    loaded = _round_trip(model, tmp_path)
-    assert float(reg.loss().detach()) == loss and monitor.stats() == seen  # save ran no hook
-    assert _sparsecraft_hooks(loaded) == 0 and _sparsecraft_hooks(model) > 0
+    assert calls == ["Tensor"]
+    hooks = dict(model.block._forward_hooks)
+    loaded = _round_trip(model, tmp_path)  # torch.fx tracing calls `block` through __call__
+    assert calls == ["Tensor"]  # no hook saw a tracing proxy
+    assert float(reg.loss().detach()) == loss and monitor.stats() == seen
+    assert dict(model.block._forward_hooks) == hooks  # all back, in order
+    assert _sparsecraft_hooks(loaded) == 0
     assert torch.equal(loaded(x), model.eval()(x))
+    assert calls == ["Tensor", "Tensor"]  # the original keeps its hooks

@@ -182,7 +182,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     object after loading. A layer pruned with ``torch.nn.utils.prune`` or
     re-parametrised with ``parametrize`` is saved as the plain layer it
     computes as (``weight = weight_orig * weight_mask``). Hooks are not
-    saved: tracing runs none of them, and ``load`` builds fresh layers.
+    saved (``load`` builds fresh layers); sparsecraft's forward hooks are set
+    aside while ``torch.fx`` traces, so a training ``Regularizer`` sees nothing.
 
     Supported layers (``LAYERS``): Linear, Conv1d/2d/3d, BatchNorm1d/2d/3d,
     LayerNorm, the common activations, Dropout, Flatten, pooling, Embedding,

@@ -17,8 +17,11 @@ valid Python that calls nothing outside the tables.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import operator
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ from sparsecraft.export._format import (
     is_name,
     is_path,
 )
+from sparsecraft.export._hooks import is_sparsecraft_hook
 from sparsecraft.export._layers import LAYERS, _unsupported, layer_spec
 from sparsecraft.export._trace import _Tracer
 
@@ -79,6 +83,32 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 _FUNCTION_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
 
 
+@contextlib.contextmanager
+def _without_sparsecraft_hooks(model: nn.Module) -> Iterator[None]:
+    """Hides sparsecraft's forward hooks while ``torch.fx`` traces ``model``, then restores them.
+
+    Tracing calls every module that is not a leaf through ``nn.Module.__call__``,
+    so its forward hooks run with ``torch.fx`` proxies as outputs: a training
+    ``Regularizer``'s activity terms and an ``ActivationMonitor`` would be fed
+    symbolic values, or add their own operations to the saved graph. The hook
+    dictionaries are swapped for filtered copies and the originals put back, so
+    nothing is copied but the dictionaries and the user's handles stay valid.
+    """
+    swapped: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for module in model.modules():
+            for attr in ("_forward_hooks", "_forward_pre_hooks"):
+                hooks = module.__dict__.get(attr)
+                if hooks and any(is_sparsecraft_hook(h) for h in hooks.values()):
+                    swapped.append((module, attr, hooks))
+                    setattr(module, attr, OrderedDict(
+                        (k, h) for k, h in hooks.items() if not is_sparsecraft_hook(h)))
+        yield
+    finally:
+        for module, attr, hooks in swapped:
+            setattr(module, attr, hooks)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     """Traces ``model.forward`` keeping its parameters (and defaults) as graph inputs."""
     signature = inspect.signature(model.forward)
@@ -96,7 +126,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     # keep the other parameters inputs; else fix the flags fx cannot branch on; else all
     for concrete in (nones, flags, defaults):
         try:
-            graph = _Tracer(set(), leaf_types).trace(model, concrete_args=concrete or None)
+            with _without_sparsecraft_hooks(model):
+                graph = _Tracer(set(), leaf_types).trace(model, concrete_args=concrete or None)
             return fx.GraphModule(model, graph)
         except Exception as err:  # any tracing failure: try fixing more parameters
             error = err
