@@ -24,14 +24,13 @@ from ._compare import METHODS, best_within, compare, pattern_f1, summarize
 from ._demo import DEMO_EPOCHS, demo_plan, reference_case
 from ._export import export_summary, structured_zeros
 from ._methods import (
-    pat_available,
     run_dense,
     run_l1_loss,
     run_l1_loss_thresholds,
-    run_pat,
     run_prox,
     run_target,
 )
+from ._pat import pat_available, run_pat, run_pat_target
 from ._pruning import cubic_sparsity, run_gradual, run_magnitude
 from ._spec import MODELS, default_hidden, run_spec
 from ._train import (
@@ -39,6 +38,7 @@ from ._train import (
     build_model,
     evaluate,
     make_optimizer,
+    matrices,
     steps_per_epoch,
     train,
     weight_names,
@@ -63,6 +63,7 @@ __all__ = [
     "evaluate",
     "export_summary",
     "make_optimizer",
+    "matrices",
     "pat_available",
     "pattern_f1",
     "run_dense",
@@ -71,6 +72,7 @@ __all__ = [
     "run_l1_loss_thresholds",
     "run_magnitude",
     "run_pat",
+    "run_pat_target",
     "run_prox",
     "run_spec",
     "run_target",
