@@ -55,7 +55,7 @@ class FinalSelection:
     def _latent_view(self) -> list[tuple[Term, Tensor, float, float]] | None:
         """(term, latent copy, accumulated step γ, group scale) per term in latent mode, else None."""
         opt = self._optimizer
-        if opt is None or opt.mode != "latent":
+        if opt is None or opt.mode != "latent" or opt.support_frozen:
             return None
         # ProximalOptimizer keeps the latent copies and γ privately; they are read, never written.
         latent, gamma = opt._latent, opt._gamma
@@ -68,7 +68,9 @@ class FinalSelection:
         return view
 
     def _latent_zeros(self, view, m: float) -> tuple[int, list[Tensor]]:
-        values = [term.penalty.prox(z, gamma * base * m * gs)
+        # What the optimizer would show at this strength (the prox, or its relaxed form).
+        show = self._optimizer._latent_display
+        values = [show(term, z, gamma * base * m * gs)
                   for (term, z, gamma, gs), base in zip(view, self._base_scales, strict=True)]
         return sum(int((u == 0).sum()) for u in self._units(values)), values
 

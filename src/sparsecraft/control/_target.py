@@ -21,6 +21,7 @@ from ._terms import choose_terms
 __all__ = ["TargetSparsity"]
 
 _MEASURES = ("elements", "groups")
+_HOLDS = ("freeze", "track")
 
 
 class TargetSparsity(FinalSelection):
@@ -80,6 +81,18 @@ class TargetSparsity(FinalSelection):
             default: about 200 updates over the ramp.
         gain: initial gain ``k`` per update on the log multiplier (> 0).
         drift: gain of the trend term relative to ``k`` (0 turns it off).
+        hold: what happens once the ramp reaches ``target`` at ``end_step``.
+            ``"freeze"`` (default with a ProximalOptimizer): :meth:`finalize`
+            makes the sparsity exact, then the optimizer's zero pattern is
+            fixed (:meth:`~sparsecraft.ProximalOptimizer.freeze_support`) and
+            the survivors train without shrinkage for the rest of the run (the
+            fine-tuning phase of gradual pruning; measured: docs/optim.md).
+            ``"track"`` (the only choice on a Regularizer): keep moving the
+            strength to hold the target.
+
+    A ProximalOptimizer built with the default ``mode="auto"`` switches to the
+    latent mode when the controller is built (the controlled path that measured
+    best for SGD and Adam/AdamW).
 
     Raises:
         ValueError: ``target`` outside (0, 1), a ramp that ends before it
@@ -87,11 +100,11 @@ class TargetSparsity(FinalSelection):
         TypeError: on arguments of the wrong type.
 
     Example:
-        >>> opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), 0.05), reg, mode="latent")
+        >>> opt = ProximalOptimizer(torch.optim.AdamW(model.parameters(), 1e-3), reg)
         >>> ctrl = TargetSparsity(opt, target=0.99, end_step=2 * n_steps // 3)
         >>> for x, y in batches:
         ...     ...; opt.step(); ctrl.step()
-        >>> ctrl.finalize()   # optional: exactly 99 % zeros
+        >>> ctrl.finalize()   # exactly 99 % zeros (already so with the default hold="freeze")
     """
 
     def __init__(
@@ -108,6 +121,7 @@ class TargetSparsity(FinalSelection):
         every: int | None = None,
         gain: float = 0.1,
         drift: float = 0.1,
+        hold: str | None = None,
     ):
         self.target = _fraction_open("target", target)
         if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 <= initial < 1:
@@ -138,6 +152,14 @@ class TargetSparsity(FinalSelection):
 
         self._optimizer = optimizer_or_regularizer if isinstance(optimizer_or_regularizer, ProximalOptimizer) \
             else None
+        if hold is not None and hold not in _HOLDS:
+            raise ValueError(f"Expected hold in {_HOLDS}. Received: hold={hold!r}")
+        if hold == "freeze" and self._optimizer is None:
+            raise ValueError(
+                "Expected a ProximalOptimizer for hold='freeze' (it fixes the optimizer's zeros). "
+                "Received: a Regularizer; pass the ProximalOptimizer, or hold='track'"
+            )
+        self.hold = hold or ("freeze" if self._optimizer is not None else "track")
         self.terms = choose_terms(optimizer_or_regularizer, terms)
         self._base_scales = [t.scale for t in self.terms]
         self._params = list({id(t.target): t.target for t in self.terms}.values())
@@ -151,6 +173,9 @@ class TargetSparsity(FinalSelection):
         self._numel = int(self._measure()[1])
         if self._numel == 0:
             raise ValueError("Expected controlled parameters with at least one element. Received: 0 elements")
+        if self._optimizer is not None:
+            self._optimizer._steer()  # mode "auto": the latent mode from here on
+        self.final_selection: dict[str, float] | None = None
 
         self._step = 0
         self._log_scale = 0.0
@@ -208,9 +233,13 @@ class TargetSparsity(FinalSelection):
         """Call after every optimizer step; measures and updates every ``every`` steps."""
         self._step += 1
         t = self._step
+        if self._optimizer is not None and self._optimizer.support_frozen:
+            return  # hold="freeze" after end_step: the zeros are fixed, nothing to steer
         if t < self.start_step or ((t - self.start_step) % self.every and t != self.end_step):
             return
         target_now = self.target_at(t)
+        if self._measured is None and target_now > 0:
+            self._calibrate(target_now)
         measured = self.measured()
         floor = 0.5 / self._numel  # half an element: log density stays finite at 100 % zeros
         error = math.log(max(1.0 - measured, floor)) - math.log(max(1.0 - target_now, floor))
@@ -246,6 +275,26 @@ class TargetSparsity(FinalSelection):
         self.history.append(
             {"step": float(t), "target_now": target_now, "measured": measured, "scale": self.scale}
         )
+        if t == self.end_step and self.hold == "freeze":
+            # Exact count, then a fixed support: the survivors train without shrinkage (and
+            # BatchNorm's running statistics follow one network, not a changing one).
+            self.final_selection = self.finalize()
+            self._optimizer.freeze_support()
+
+    @torch.no_grad()
+    def _calibrate(self, target_now: float) -> None:
+        """Latent mode, first update: solve for the multiplier that gives the ramp's sparsity now.
+
+        The starting strength is a guess: on digits with Adam, ``L1(1e-2)`` needed a
+        multiplier of 21 to follow the ramp, and the controller, whose steps in log
+        density are tiny while sparsity is low, lagged (2.7 % zeros where the ramp
+        asked 25.7 %), then pruned 40 % of the weights in 80 steps to catch up. The
+        latent copies give the sparsity at any strength without a step (as
+        :meth:`finalize` uses them), so the first update sets it exactly.
+        """
+        view = self._latent_view()
+        if view is not None:
+            self._finalize_latent(view, round(target_now * self._numel))
 
     def _apply_scale(self) -> None:
         m = self.scale
@@ -276,7 +325,7 @@ class TargetSparsity(FinalSelection):
             "base_scales": list(self._base_scales),
             "config": {"target": self.target, "start_step": self.start_step, "end_step": self.end_step,
                        "initial": self.initial, "measure": self.measure, "every": self.every,
-                       "gain": self.gain, "drift": self.drift,
+                       "gain": self.gain, "drift": self.drift, "hold": self.hold,
                        "ramp": self.ramp if isinstance(self.ramp, str) else "callable"},
         }
 
@@ -296,6 +345,7 @@ class TargetSparsity(FinalSelection):
         self.target, self.start_step, self.end_step = cfg["target"], cfg["start_step"], cfg["end_step"]
         self.initial, self.every = cfg["initial"], cfg["every"]
         self.gain, self.drift = cfg["gain"], cfg["drift"]
+        self.hold = cfg.get("hold", self.hold)
         if cfg["ramp"] != "callable":
             self.ramp = cfg["ramp"]
         self._step = int(state_dict["step"])

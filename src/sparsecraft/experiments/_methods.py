@@ -234,9 +234,10 @@ def run_target(
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
-    mode: str = "latent",
+    mode: str = "auto",
     lam: float = 1e-2,
     ramp_fraction: float = 2 / 3,
+    hold: str | None = None,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -244,9 +245,13 @@ def run_target(
     """Prox L1 whose strength :class:`~sparsecraft.control.TargetSparsity` steers to ``target``.
 
     The controller ramps sparsity from 0 to ``target`` (cubic) over the first
-    ``ramp_fraction`` of the steps and holds it; ``lam`` is only the starting
-    strength. With ``finalize`` the controller's exact final selection runs at
-    the end (the sparsity before it is in the details).
+    ``ramp_fraction`` of the steps; by default (``hold="freeze"``) it then
+    fixes the zeros and the survivors train without shrinkage for the rest
+    (``hold="track"``: it keeps steering the strength). ``mode="auto"`` is the
+    library's default: latent prox under the controller, shown relaxed (no
+    shrinkage) for Adam/AdamW. ``lam`` is only the starting strength. With
+    ``finalize`` the controller's exact final selection runs at the end (the
+    sparsity before it is in the details).
     """
     from ..control import TargetSparsity
 
@@ -257,7 +262,7 @@ def run_target(
     _penalise_matrices(reg, net, L1(lam))
     opt = ProximalOptimizer(make_optimizer(optimizer, net.parameters(), lr), reg, mode=mode)
     end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data, batch_size)))
-    ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic")
+    ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold)
     h = train(
         net,
         data,
@@ -290,6 +295,7 @@ def run_target(
             "target": target,
             "mode": mode,
             "lam": lam,
+            "hold": ctrl.hold,
             "seed": seed,
         },
         details,
