@@ -89,6 +89,9 @@ class TargetSparsity(FinalSelection):
             fine-tuning phase of gradual pruning; measured: docs/optim.md).
             ``"track"`` (the only choice on a Regularizer): keep moving the
             strength to hold the target.
+        freeze_step: with ``hold="freeze"``, the step at which the zeros are
+            fixed (default: ``end_step``); between ``end_step`` and it the
+            controller holds the target as with ``"track"``.
 
     A ProximalOptimizer built with the default ``mode="auto"`` switches to the
     latent mode when the controller is built (the controlled path that measured
@@ -122,6 +125,7 @@ class TargetSparsity(FinalSelection):
         gain: float = 0.1,
         drift: float = 0.1,
         hold: str | None = None,
+        freeze_step: int | None = None,
     ):
         self.target = _fraction_open("target", target)
         if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 <= initial < 1:
@@ -160,6 +164,8 @@ class TargetSparsity(FinalSelection):
                 "Received: a Regularizer; pass the ProximalOptimizer, or hold='track'"
             )
         self.hold = hold or ("freeze" if self._optimizer is not None else "track")
+        self.freeze_step = self.end_step if freeze_step is None else _int("freeze_step", freeze_step,
+                                                                           minimum=self.end_step)
         self.terms = choose_terms(optimizer_or_regularizer, terms)
         self._base_scales = [t.scale for t in self.terms]
         self._params = list({id(t.target): t.target for t in self.terms}.values())
@@ -235,6 +241,12 @@ class TargetSparsity(FinalSelection):
         t = self._step
         if self._optimizer is not None and self._optimizer.support_frozen:
             return  # hold="freeze" after end_step: the zeros are fixed, nothing to steer
+        if t == self.freeze_step and self.hold == "freeze":
+            # Exact count, then a fixed support: the survivors train without shrinkage (and
+            # BatchNorm's running statistics follow one network, not a changing one).
+            self.final_selection = self.finalize()
+            self._optimizer.freeze_support()
+            return
         if t < self.start_step or ((t - self.start_step) % self.every and t != self.end_step):
             return
         target_now = self.target_at(t)
@@ -275,11 +287,6 @@ class TargetSparsity(FinalSelection):
         self.history.append(
             {"step": float(t), "target_now": target_now, "measured": measured, "scale": self.scale}
         )
-        if t == self.end_step and self.hold == "freeze":
-            # Exact count, then a fixed support: the survivors train without shrinkage (and
-            # BatchNorm's running statistics follow one network, not a changing one).
-            self.final_selection = self.finalize()
-            self._optimizer.freeze_support()
 
     @torch.no_grad()
     def _calibrate(self, target_now: float) -> None:
@@ -326,6 +333,7 @@ class TargetSparsity(FinalSelection):
             "config": {"target": self.target, "start_step": self.start_step, "end_step": self.end_step,
                        "initial": self.initial, "measure": self.measure, "every": self.every,
                        "gain": self.gain, "drift": self.drift, "hold": self.hold,
+                       "freeze_step": self.freeze_step,
                        "ramp": self.ramp if isinstance(self.ramp, str) else "callable"},
         }
 
@@ -346,6 +354,7 @@ class TargetSparsity(FinalSelection):
         self.initial, self.every = cfg["initial"], cfg["every"]
         self.gain, self.drift = cfg["gain"], cfg["drift"]
         self.hold = cfg.get("hold", self.hold)
+        self.freeze_step = cfg.get("freeze_step", self.freeze_step)
         if cfg["ramp"] != "callable":
             self.ramp = cfg["ramp"]
         self._step = int(state_dict["step"])

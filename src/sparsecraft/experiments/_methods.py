@@ -238,6 +238,7 @@ def run_target(
     lam: float = 1e-2,
     ramp_fraction: float = 2 / 3,
     hold: str | None = None,
+    freeze_fraction: float | None = None,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -262,7 +263,10 @@ def run_target(
     _penalise_matrices(reg, net, L1(lam))
     opt = ProximalOptimizer(make_optimizer(optimizer, net.parameters(), lr), reg, mode=mode)
     end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data, batch_size)))
-    ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold)
+    total = epochs * steps_per_epoch(data, batch_size)
+    freeze = None if freeze_fraction is None else max(end, round(freeze_fraction * total))
+    ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold,
+                          freeze_step=freeze)
     h = train(
         net,
         data,
