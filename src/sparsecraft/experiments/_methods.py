@@ -282,6 +282,8 @@ def run_target(
         "sparsity_before_finalize": weight_sparsity(net)[0],
         "accuracy_before_finalize": evaluate(net, data),
         "final_scale": ctrl.scale,
+        # Where the controller itself landed: before the selection at the freeze, or now.
+        "controller_sparsity": (ctrl.final_selection or {}).get("before", weight_sparsity(net)[0]),
     }
     if finalize and hasattr(ctrl, "finalize"):
         fin = ctrl.finalize()
