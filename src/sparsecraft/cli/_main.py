@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         help="prox (exact zeros, default) or loss (Keras style)",
     )
     tr.add_argument(
-        "--mode", choices=("latent", "forward_backward"), default="latent", help="prox mode"
+        "--mode", choices=("latent", "forward_backward", "auto"), default="latent", help="prox mode"
     )
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="sgd")
     tr.add_argument("--lr", type=_positive_float, default=None)
