@@ -141,6 +141,23 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
         assert torch.equal(a, b)
 
 
+def test_finalize_after_the_freeze_moves_the_frozen_support_with_it():
+    model, _, opt = _setup()
+    ctrl = TargetSparsity(opt, target=0.6, end_step=10)
+    batches = _batches(14)
+    for x, y in batches[:12]:
+        _step(model, opt, x, y)
+        ctrl.step()
+    assert opt.support_frozen
+    ctrl.target = 0.7
+    ctrl.finalize()  # after the freeze: the smallest survivors are cut
+    zeros, numel = count_zeros(_weights(model))
+    assert zeros == round(0.7 * numel)
+    for x, y in batches[12:]:
+        _step(model, opt, x, y)
+    assert count_zeros(_weights(model)) == (zeros, numel)  # the cut ones stay zero
+
+
 def test_hold_and_freeze_step_are_checked():
     model, reg, opt = _setup()
     with pytest.raises(ValueError, match="hold in"):

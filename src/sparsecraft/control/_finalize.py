@@ -113,6 +113,8 @@ class FinalSelection:
                 result["latent"] = 1.0
             if zeros < wanted:
                 self._cut_smallest(wanted - zeros)
+        if self._optimizer is not None and self._optimizer.support_frozen:
+            self._optimizer.freeze_support()  # the frozen support follows the new zeros
         after_units = self._units(owners)
         zeroed = [(a == 0) & ~z for a, z in zip(after_units, zero_before, strict=True)]
         revived = [(a != 0) & z for a, z in zip(after_units, zero_before, strict=True)]

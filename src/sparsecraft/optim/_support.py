@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from ..regularizer import Term
 from ._prox_step import _apply_prox
 
@@ -54,8 +55,12 @@ class _Support:
         if self.relaxed:
             # The latent values where the prox keeps a coordinate (or a group): same support,
             # no shrinkage. The 0/1 mask goes to the shared step buffer: no allocation.
-            keep = torch.ne(p, 0, out=self._workspace(p))
-            p.copy_(self._latent[p]).mul_(keep)
+            # Sharded (FSDP2) parameters: elementwise on the local shards.
+            x, z = p, self._latent[p]
+            if _dist.is_sharded(p):
+                x, z = p.to_local(), z.to_local()
+            keep = torch.ne(x, 0, out=self._workspace(x))
+            x.copy_(z).mul_(keep)
 
     def _latent_display(self, term: Term, z: Tensor, step: float) -> Tensor:
         """What the model would show for latent ``z`` at prox step ``step`` (out of place)."""
