@@ -303,6 +303,8 @@ def run_target(
             "lam": lam,
             "hold": ctrl.hold,
             "seed": seed,
+            # only when given: a knob of sweeps (compare/summarize) next to the default
+            **({"freeze_fraction": freeze_fraction} if freeze_fraction is not None else {}),
         },
         details,
     )
