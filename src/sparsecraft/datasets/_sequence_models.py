@@ -6,21 +6,19 @@ from torch import Tensor, nn
 
 from ._common import _positive_int
 
-__all__ = ["RecurrentClassifier", "cnn1d"]
+__all__ = ["CNN1d", "RecurrentClassifier", "cnn1d"]
 
 
-def cnn1d(
-    length: int = 40, n_classes: int = 10, channels: int = 32, layers: int = 3
-) -> nn.Sequential:
+class CNN1d(nn.Module):
     """A 1-D CNN with BatchNorm for ``[batch, length]`` sequences (MNIST-1D).
 
-    ``Unflatten`` to one input channel, then ``layers`` times
-    ``Conv1d(kernel 5, stride 2, padding 2) → BatchNorm1d → ReLU`` (each halves
-    the length), ``Flatten`` and a ``Linear`` classifier: the convolutional
-    baseline of the MNIST-1D paper (3 conv layers, ~94 %) with BatchNorm added,
-    the layout BN-CNNs in practice have (a BatchNorm after every conv, so the
-    function is invariant to each conv's weight scale). With the defaults it
-    holds 12,000 weights in matrices and kernels.
+    ``x.unsqueeze(1)`` (one input channel) goes through ``body``: ``layers``
+    times ``Conv1d(kernel 5, stride 2, padding 2) → BatchNorm1d → ReLU`` (each
+    halves the length), ``Flatten`` and a ``Linear`` classifier. This is the
+    convolutional baseline of the MNIST-1D paper (3 conv layers, ~94 %) with
+    BatchNorm added, the layout BN-CNNs in practice have (a BatchNorm after
+    every conv, so the function is invariant to each conv's weight scale).
+    With the defaults it holds 12,000 weights in kernels and matrices.
 
     Args:
         length: Sequence length.
@@ -28,27 +26,35 @@ def cnn1d(
         channels: Channels of every conv layer.
         layers: Conv layers.
 
-    Returns:
-        The model, with PyTorch's default initialisation.
-
     Raises:
         ValueError: If a size is not a positive int.
     """
-    length = _positive_int("length", length)
-    n_classes = _positive_int("n_classes", n_classes)
-    channels = _positive_int("channels", channels)
-    layers = _positive_int("layers", layers)
-    mods: list[nn.Module] = [nn.Unflatten(1, (1, length))]
-    c_in, n = 1, length
-    for _ in range(layers):
-        mods += [
-            nn.Conv1d(c_in, channels, kernel_size=5, stride=2, padding=2),
-            nn.BatchNorm1d(channels),
-            nn.ReLU(),
-        ]
-        c_in, n = channels, (n - 1) // 2 + 1
-    mods += [nn.Flatten(), nn.Linear(channels * n, n_classes)]
-    return nn.Sequential(*mods)
+
+    def __init__(self, length: int = 40, n_classes: int = 10, channels: int = 32, layers: int = 3):
+        super().__init__()
+        length = _positive_int("length", length)
+        n_classes = _positive_int("n_classes", n_classes)
+        channels = _positive_int("channels", channels)
+        layers = _positive_int("layers", layers)
+        mods: list[nn.Module] = []
+        c_in, n = 1, length
+        for _ in range(layers):
+            mods += [
+                nn.Conv1d(c_in, channels, kernel_size=5, stride=2, padding=2),
+                nn.BatchNorm1d(channels),
+                nn.ReLU(),
+            ]
+            c_in, n = channels, (n - 1) // 2 + 1
+        mods += [nn.Flatten(), nn.Linear(channels * n, n_classes)]
+        self.body = nn.Sequential(*mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x.unsqueeze(1))
+
+
+def cnn1d(length: int = 40, n_classes: int = 10, channels: int = 32, layers: int = 3) -> CNN1d:
+    """A :class:`CNN1d` (PyTorch's default initialisation); see there for the arguments."""
+    return CNN1d(length, n_classes, channels, layers)
 
 
 class RecurrentClassifier(nn.Module):
