@@ -118,7 +118,7 @@ def test_recurrent_classifier(m1d, kind):
     assert isinstance(net, RecurrentClassifier) and net.rnn.batch_first
     assert isinstance(net.rnn, nn.LSTM if kind == "lstm" else nn.GRU)
     x = m1d.X_test[:3]
-    out, _ = net.rnn(x.unsqueeze(-1))
+    out, _ = net.rnn(x.reshape(3, 10, 4))  # 10 steps of 4 values
     assert torch.allclose(net(x), net.head(out[:, -1]))
     with pytest.raises(ValueError, match="Received: kind='rnn'"):
         RecurrentClassifier(kind="rnn")

@@ -19,6 +19,7 @@ __all__ = [
     "evaluate",
     "make_optimizer",
     "matrices",
+    "evaluate_loss",
     "train",
     "weight_names",
     "weight_sparsity",
@@ -136,6 +137,12 @@ def evaluate(model: nn.Module, data: Split) -> float:
     :data:`~sparsecraft.datasets.IGNORE`.
     """
     return _measure(model, data)[0]
+
+
+def evaluate_loss(model: nn.Module, data: Split) -> float:
+    """The loss of :func:`train` on the test split: cross-entropy (per token over the
+    non-IGNORE targets for sequences; ``exp`` of it is the perplexity) or the MSE."""
+    return _measure(model, data)[1]
 
 
 def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
