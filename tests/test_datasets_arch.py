@@ -132,7 +132,6 @@ def test_transformer_tied_and_causal():
     assert net.head.weight is net.embed.weight
     names = [n for n, _ in net.named_parameters()]
     assert "embed.weight" in names and "head.weight" not in names
-    assert "causal_mask" not in net.state_dict()
     x = data.X_test.clone()
     logits = net(x)
     assert logits.shape == (4, 8, 7)
