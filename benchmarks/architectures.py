@@ -105,7 +105,7 @@ def _rows(results: list[experiments.RunResult], data: datasets.Split) -> list[di
 
 
 def _jobs(cfg: dict[str, Any], pat: bool) -> list[tuple[str, str, list, int, dict]]:
-    """``(label, data name, plan, seed, common)`` for ``experiments.compare``, the longest first."""
+    """``(label, data name, plan, seed, common)`` for ``experiments.compare``."""
     jobs = []
     for model, spec in cfg["models"].items():
         epochs = spec["epochs"]
@@ -143,8 +143,9 @@ def _jobs(cfg: dict[str, Any], pat: bool) -> list[tuple[str, str, list, int, dic
                 for plan in plans:
                     label = f"{model}/{optimizer}/seed {seed}: {plan[0][0]}"
                     jobs.append((label, spec["data"], plan, seed, common))
+    # Seed by seed (a run cut short still has every model and method), the longest first.
     cost = {"lstm": 3, "cnn": 2, "transformer": 1}
-    jobs.sort(key=lambda j: -cost.get(j[4]["model"], 1) * len(j[2]))
+    jobs.sort(key=lambda j: (j[3], -cost.get(j[4]["model"], 1) * len(j[2])))
     return jobs
 
 
@@ -161,13 +162,12 @@ def _summary(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, 
     table = []
     for model in cfg["models"]:
         for optimizer in cfg["optimizers"]:
-            dense = groups.get((model, optimizer, "dense", None), [])
             for target in cfg["targets"]:
-                row: dict[str, Any] = {"model": model, "optimizer": optimizer, "target": target}
-                if dense:
-                    row["dense"], row["dense_std"] = _mean_std([r["accuracy"] for r in dense])
-                for method in METHODS:
-                    rs = groups.get((model, optimizer, method, target), [])
+                # "zeros": the requested fraction ("target" is the method of that name)
+                row: dict[str, Any] = {"model": model, "optimizer": optimizer, "zeros": target}
+                for method in ("dense", *METHODS):
+                    key = (model, optimizer, method, None if method == "dense" else target)
+                    rs = groups.get(key, [])
                     if not rs:
                         continue
                     row[method], row[f"{method}_std"] = _mean_std([r["accuracy"] for r in rs])
@@ -185,7 +185,7 @@ def _compact(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The console table: accuracy % per method (mean of seeds)."""
     out = []
     for r in table:
-        row = {"model": r["model"], "opt": r["optimizer"], "zeros": f"{100 * r['target']:g} %"}
+        row = {"model": r["model"], "opt": r["optimizer"], "zeros": f"{100 * r['zeros']:g} %"}
         for m in ("dense", *METHODS):
             row[m] = f"{100 * r[m]:.1f}" if m in r else "-"
         out.append(row)
@@ -211,7 +211,7 @@ def _markdown(table: list[dict[str, Any]]) -> str:
             best = max(r.get(m, -1.0) for m in METHODS)
             cells.append(f"**{cell}**" if c != "dense" and r[c] == best else cell)
         lines.append(
-            f"| {r['model']} | {r['optimizer']} | {100 * r['target']:g} % | "
+            f"| {r['model']} | {r['optimizer']} | {100 * r['zeros']:g} % | "
             + " | ".join(cells)
             + " |"
         )
@@ -226,6 +226,7 @@ def run(quick: bool = False) -> dict:
     jobs = _jobs(cfg, pat)
     splits = {spec["data"]: _load(spec) for spec in cfg["models"].values()}
     rows: list[dict[str, Any]] = []
+    out: dict[str, Any] = {}
     # Library functions only cross the process boundary (this file is not importable by
     # name in a worker); fork after torch has started threads can hang, so spawn.
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -241,17 +242,40 @@ def run(quick: bool = False) -> dict:
             label, name = futures[done]
             rows += _rows(done.result(), splits[name])
             print(f"[{i}/{len(jobs)}] {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            out = _results(rows, cfg, quick, pat, t0)
+            if not quick:  # a smoke run never replaces the results of a real one
+                _write(out)  # after every job: a run stopped early keeps what it measured
+    return out
+
+
+def _write(out: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    tmp.replace(RESULTS)
+
+
+def _expected_runs(cfg: dict[str, Any], pat: bool) -> int:
+    methods = len(METHODS) if pat else len(METHODS) - 1
+    per_seed = 1 + methods * len(cfg["targets"])
+    return len(cfg["models"]) * len(cfg["optimizers"]) * len(cfg["seeds"]) * per_seed
+
+
+def _results(
+    rows: list[dict[str, Any]], cfg: dict[str, Any], quick: bool, pat: bool, t0: float
+) -> dict[str, Any]:
     table = _summary(rows, cfg)
-    out = {
+    return {
         "suite": "architectures",
         "quick": quick,
+        "complete": len(rows) == _expected_runs(cfg, pat),
         "machine": {
             "cpus": os.cpu_count(),
             "workers": cfg["workers"],
             "torch_threads_per_worker": 1,
             "platform": platform.platform(),
             "torch": torch.__version__,
-            "load_average_at_end": os.getloadavg(),
+            "load_average": os.getloadavg(),
         },
         "settings": {k: v for k, v in cfg.items()},
         "pat": pat,
@@ -261,10 +285,6 @@ def run(quick: bool = False) -> dict:
         "runs": rows,
         "seconds": time.perf_counter() - t0,
     }
-    if not quick:  # a smoke run never replaces the results of a real one
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    return out
 
 
 if __name__ == "__main__":
