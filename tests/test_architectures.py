@@ -134,3 +134,27 @@ def test_tied_transformer_end_to_end(tmp_path):
     # at least that neuron: its linear1 row and bias and its linear2 column
     assert any(c.name.startswith("layers.0") for c in report.layers)
     assert report.params_after <= report.params_before - (64 + 1 + 64)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--data", "mnist1d", "--model", "cnn", "--target", "0.5"],
+        ["--data", "copy", "--target", "0.5", "--optimizer", "adamw", "--lr", "3e-3"],
+    ],
+    ids=["mnist1d-cnn", "copy-transformer"],
+)
+def test_cli_train_on_the_real_tasks(tmp_path, capsys, argv):
+    import json
+
+    from sparsecraft import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["train", *argv, "--epochs", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == argv[1]
+    assert metrics["model"] == ("cnn" if argv[1] == "mnist1d" else "transformer")
+    assert 0.5 <= metrics["sparsity"] <= 0.53
+    assert (out / "model.pt").is_file() and (out / "report.md").is_file()
+    printed = capsys.readouterr().out
+    assert ("test perplexity" in printed) == (argv[1] == "copy")

@@ -141,3 +141,16 @@ def test_transformer_tied_and_causal():
     assert not torch.allclose(changed[:, 5:], logits[:, 5:])
     with pytest.raises(ValueError, match="multiple of n_heads"):
         CausalTransformer(10, 8, d_model=30, n_heads=4)
+
+
+def test_weight_sparsity_counts_a_tied_matrix_once():
+    from sparsecraft.experiments import weight_names, weight_sparsity
+
+    data = copy_task(length=3, vocab=5, n_train=4, n_test=2)
+    net = make_model("transformer", data)
+    with torch.no_grad():
+        net.embed.weight.zero_()  # also the head's weight
+    matrices = [p for p in net.parameters() if p.ndim >= 2]
+    expected = net.embed.weight.numel() / sum(p.numel() for p in matrices)
+    assert weight_sparsity(net)[0] == pytest.approx(expected)
+    assert weight_names(net).count("embed.weight") == 1 and "head.weight" not in weight_names(net)

@@ -82,9 +82,13 @@ def _effective(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     and a ``weight_mask`` buffer; the forward uses their product, so that is
     what is counted (the dense ``weight_orig`` would show no zeros).
     """
+    seen: set[int] = set()
     for mname, module in model.named_modules():
         buffers = dict(module.named_buffers(recurse=False))
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied weight (head.weight = embed.weight) counts once
+                continue
+            seen.add(id(p))
             name = f"{mname}.{pname}" if mname else pname
             if pname.endswith("_orig") and f"{pname[:-5]}_mask" in buffers:
                 yield name[:-5], p.detach() * buffers[f"{pname[:-5]}_mask"]
