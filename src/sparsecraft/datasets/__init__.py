@@ -13,7 +13,7 @@
   language models, with the unpredictable targets masked.
 
 The models the experiments train on them: :func:`mlp` (digits, teacher,
-superposition), :func:`cnn1d` (a 1-D CNN with BatchNorm) and
+superposition), :func:`cnn1d` (a 1-D CNN with BatchNorm, :class:`CNN1d`) and
 :class:`RecurrentClassifier` (LSTM/GRU) for MNIST-1D,
 :class:`CausalTransformer` (tied embeddings) for the copy task.
 :func:`load` builds a data set by name, :func:`make_model` a model by name
@@ -31,12 +31,13 @@ from ._common import Split, mlp
 from ._copy import IGNORE, copy_task
 from ._digits import digits
 from ._mnist1d import mnist1d
-from ._sequence_models import RecurrentClassifier, cnn1d
+from ._sequence_models import CNN1d, RecurrentClassifier, cnn1d
 from ._superposition import superposition
 from ._teacher import teacher_student
 from ._transformer import CausalTransformer
 
 __all__ = [
+    "CNN1d",
     "IGNORE",
     "MODELS",
     "CausalTransformer",

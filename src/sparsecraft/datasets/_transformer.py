@@ -72,16 +72,16 @@ class CausalTransformer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.head.weight = self.embed.weight
-        # -inf above the diagonal: position t sees positions <= t. Not saved in
-        # state_dict(): it is a function of max_len.
-        mask = torch.triu(torch.full((max_len, max_len), float("-inf")), diagonal=1)
-        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``[batch, T, vocab]`` for int64 ``tokens [batch, T]`` (``T <= max_len``)."""
         n = tokens.shape[1]
-        x = self.embed(tokens) + self.pos.weight[:n]
-        mask = self.causal_mask[:n, :n]
+        # Positions and mask are built from n with torch functions, not sliced from stored
+        # tensors (pos.weight[:n]): torch.fx cannot slice a real tensor by a traced length,
+        # and export.compact and export.save read the model through torch.fx.
+        x = self.embed(tokens) + self.pos(torch.arange(n, device=tokens.device))
+        # -inf above the diagonal: position t sees positions <= t.
+        mask = torch.triu(torch.full((n, n), float("-inf"), device=tokens.device), diagonal=1)
         for layer in self.layers:
             x = layer(x, src_mask=mask, is_causal=True)
         return self.head(self.norm(x))

@@ -19,6 +19,7 @@ __all__ = [
     "evaluate",
     "make_optimizer",
     "matrices",
+    "evaluate_loss",
     "train",
     "weight_names",
     "weight_sparsity",
@@ -81,9 +82,13 @@ def _effective(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     and a ``weight_mask`` buffer; the forward uses their product, so that is
     what is counted (the dense ``weight_orig`` would show no zeros).
     """
+    seen: set[int] = set()
     for mname, module in model.named_modules():
         buffers = dict(module.named_buffers(recurse=False))
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied weight (head.weight = embed.weight) counts once
+                continue
+            seen.add(id(p))
             name = f"{mname}.{pname}" if mname else pname
             if pname.endswith("_orig") and f"{pname[:-5]}_mask" in buffers:
                 yield name[:-5], p.detach() * buffers[f"{pname[:-5]}_mask"]
@@ -136,6 +141,12 @@ def evaluate(model: nn.Module, data: Split) -> float:
     :data:`~sparsecraft.datasets.IGNORE`.
     """
     return _measure(model, data)[0]
+
+
+def evaluate_loss(model: nn.Module, data: Split) -> float:
+    """The loss of :func:`train` on the test split: cross-entropy (per token over the
+    non-IGNORE targets for sequences; ``exp`` of it is the perplexity) or the MSE."""
+    return _measure(model, data)[1]
 
 
 def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
