@@ -62,7 +62,7 @@ def split(rank: int, world: int, uneven: bool) -> slice:
 # lr/sqrt(v), are much larger than SGD's lr).
 DDP_STRENGTHS = {"sgd": (0.3, 0.2), "latent": (0.3, 0.2), "adam": (3e-3, 1.5e-3)}
 FSDP_STRENGTHS = {"sgd": (0.3, 0.1, 0.3, 0.3), "latent": (0.3, 0.1, 0.3, 0.3),
-                  "adam": (4e-3, 4e-3, 2e-3, 2e-3)}
+                  "adam": (4e-3, 4e-3, 5e-3, 2e-3)}
 
 
 def ddp_regularizer(model: nn.Module, kind: str) -> sc.Regularizer:

@@ -16,6 +16,8 @@ Files, one concept each:
 * ``_rules.py``: :class:`AdaptiveStep`, the built-in step rules and
   :func:`register_step_rule` (a new optimizer adapter touches this file only).
 * ``_fused.py``: the opt-in compiled kernel (``fused=True``).
+* ``_state.py``: the whole-state_dict check before ``load_state_dict`` loads
+  anything (all or nothing).
 * ``_threshold.py``: :func:`threshold`, hard zeros after training with the
   penalty in the loss.
 """

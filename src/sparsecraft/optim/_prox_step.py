@@ -130,12 +130,17 @@ class _ProxStep:
         t = torch.div(lr, ws, out=ws)
         t = torch.where(moved, t, zero, out=t)
         if not pen.separable:
-            # Group penalties need one step per group: the mean of the group's steps.
+            # Group penalties need one step per group: the mean step of the group's
+            # coordinates that the optimizer moved (0 if none), so that a dead unit's
+            # coordinates neither inflate nor dilute the step of its group.
             lay = pen.layout(p)
+            count = self._workspace(x, 1).copy_(moved)
             if sharded:
                 t = _merge_groups(_dist.slice_means(t, p, lay.dim), lay)
+                n = _merge_groups(_dist.slice_means(count, p, lay.dim), lay)
             else:
-                t = _group_mean(t, lay)
+                t, n = _group_mean(t, lay), _group_mean(count, lay)
+            t = torch.where(n > 0, t / n, 0.0)
         _apply_prox(pen, p, t)
 
     def _fused_prox(self, pen: Any, p: Tensor, step: AdaptiveStep, scale: float) -> bool:
@@ -173,8 +178,12 @@ class _ProxStep:
         """Adaptive L1 prox in blocks of BLOCK elements: the step buffers stay in cache.
 
         The same arithmetic as the whole-tensor path below; from memory it reads
-        ``v`` and ``w`` and writes ``w`` once (eight cache-resident passes per
-        block instead of eight passes over the tensor).
+        ``v`` and ``w`` and writes ``w`` once (nine cache-resident passes per
+        block instead of nine passes over the tensor). Coordinates with ``v = 0``
+        are left as they are through a 0/1 factor on the shrinkage (one pass
+        more; a ``torch.where`` costs three times as much here). A NaN ``v`` makes
+        a NaN shrinkage, but only where the built-in optimizers (the only ones on
+        this path) have already written a NaN weight.
         """
         x, v = p.view(-1), step.moment.view(-1)
         c = None if step.centered is None else step.centered.view(-1)
@@ -182,7 +191,7 @@ class _ProxStep:
         size = min(n, BLOCK)
         dtype = _step_dtype(p.dtype)
         a, b = self._block(size, dtype, p.device, 0), self._block(size, dtype, p.device, 1)
-        mask, zero = self._block(size, torch.bool, p.device, 2), self._zero(dtype, p.device)
+        ones = self._block(size, dtype, p.device, 2)  # 1 where the optimizer moved, else 0
 
         def root(i: int, m: int) -> Tensor:
             r = a[:m]
@@ -201,19 +210,20 @@ class _ProxStep:
                 ref = _raised_reference(ref, total / n)
                 self._typical[p] = ref
             low = ref * self.floor
+        if step.lr * strength == 0:
+            return  # no shrinkage (and no 0/0 where v = 0 and eps = 0)
         coef = torch.tensor(step.lr * strength / step.scale, dtype=dtype, device=p.device)
         eps = step.eps / step.scale
         for i in range(0, n, size):
             m = min(size, n - i)
             tau = root(i, m)
-            moved = torch.gt(tau, 0, out=mask[:m])  # no step where v is 0 or not finite
+            moved = torch.gt(tau, 0, out=ones[:m])  # no step where v is 0
             if low is not None:
                 tau.clamp_(min=low)
             tau = torch.div(coef, tau.add_(eps), out=tau)
-            tau = torch.where(moved, tau, zero, out=tau)
             neg = torch.neg(tau, out=b[:m])
             xi = x[i:i + m]
-            xi.sub_(torch.clamp(xi, min=neg, max=tau, out=neg))
+            xi.addcmul_(torch.clamp(xi, min=neg, max=tau, out=neg), moved, value=-1)
 
     def _block(self, size: int, dtype: torch.dtype, device: torch.device, which: int) -> Tensor:
         key = ("block", dtype, device, which)

@@ -41,11 +41,14 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
             ``"forward_backward"``: ``w ← prox_{tR}(inner_step(w))``,
             with ``t`` the inner optimizer's step (SGD: ``lr``; Adam/AdamW:
             ``lr/(sqrt(v̂)+eps)``; Adagrad, RMSprop from their state; any other
-            optimizer: ``lr``, with a warning); its fixed points are those of the
-            penalised objective. ``"latent"``: the inner optimizer
+            optimizer: ``lr``, with a warning); ``t = 0`` where the second moment is
+            0 (the coordinate never had a gradient) or not finite; its fixed points
+            are those of the penalised objective. ``"latent"``: the inner optimizer
             updates a dense latent copy ``z`` of each parameter, and the model
             holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken (dual
             averaging); costs one extra copy of the penalised parameters.
+            Weights changed outside the optimizer (``model.load_state_dict``, an
+            in-place op) are followed: ``z`` becomes them and ``γ`` restarts at 0.
         relaxed: latent mode only: show the latent values on the support the
             prox selects, ``z·[prox_{γR}(z) ≠ 0]``, instead of the prox itself
             (no shrinkage of the survivors; relaxed lasso). Default (None): off at
@@ -60,8 +63,9 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
             2021). Each coordinate's ``sqrt(v)`` (the optimizer's raw second
             moment, before bias correction) is raised to at least ``floor``
             times the largest mean ``sqrt(v)`` the tensor has had (the mean is
-            taken every ``FLOOR_REFRESH`` = 10 steps), so its prox step is at
-            most about ``1/floor`` times a typical one. 0 disables the guard. It does not prevent the collapse of Adam's
+            taken every ``FLOOR_REFRESH`` = 10 steps over the finite values), so
+            its prox step is at most about ``1/floor`` times a typical one. 0
+            disables the guard. It does not prevent the collapse of Adam's
             forward–backward prox at a large ``λ`` (docs/optim.md).
         fused: opt in to one compiled kernel (``torch.compile``) for the prox
             of L1, L2 and L1L2 terms under Adam/AdamW, Adagrad and RMSprop: it
@@ -70,9 +74,18 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
             compiles (tens of seconds on CPU; it needs a C++ compiler); if
             compiling fails, it warns once and runs the unfused path.
 
-    Memory: with adaptive optimizers, forward–backward holds two step buffers of
-    ``BLOCK`` elements for L1 terms, or of the largest penalised parameter for
-    other penalties; latent mode holds a copy of every penalised parameter.
+    Memory: with adaptive optimizers, forward–backward holds three step buffers
+    of ``BLOCK`` elements for L1 terms, or two and a boolean one of the largest
+    penalised parameter for other penalties; latent mode holds a copy of every
+    penalised parameter.
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` or is a
+            ProximalOptimizer; ``regularizer`` is not a Regularizer; ``fused`` is
+            not a bool.
+        ValueError: ``mode`` unknown; ``floor`` outside [0, 1]; a prox term's
+            parameter is not in the optimizer, does not require grad, or has two
+            prox terms.
     """
 
     def __init__(
@@ -197,7 +210,12 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
     # -- stepping ----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Inner step, then prox (forward–backward), or latent update then prox (latent)."""
+        """Inner step, then prox (forward–backward), or latent update then prox (latent).
+
+        Raises:
+            ValueError: a param group's ``lr`` or ``penalty_scale`` is missing, NaN,
+                infinite or negative (before the inner step).
+        """
         # Validated before anything changes: a NaN lr must not reach the weights.
         scales = [_penalty_scale(g) if any(p in self._terms for p in g["params"]) else 0.0
                   for g in self.param_groups]

@@ -60,14 +60,17 @@ def _check_inner(params: list[Tensor], groups: list[dict], inner: Any) -> None:
     if not isinstance(inner, dict) or not {"state", "param_groups"} <= set(inner):
         got = sorted(inner) if isinstance(inner, dict) else type(inner).__name__
         raise _fail("an inner optimizer state_dict with 'state' and 'param_groups'", repr(got))
-    saved_groups = inner["param_groups"]
+    saved_groups, saved_state = inner["param_groups"], inner["state"]
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        raise _fail("an inner 'param_groups' list and 'state' dict",
+                    f"{type(saved_groups).__name__} and {type(saved_state).__name__}")
     sizes = [len(g["params"]) for g in groups]
     saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in saved_groups]
     if saved_sizes != sizes:
         raise _fail(f"param_groups of sizes {sizes}", f"sizes {saved_sizes}")
     ids = [i for g in saved_groups for i in g["params"]]
     by_id = dict(zip(ids, params, strict=True))
-    for key, st in inner["state"].items():
+    for key, st in saved_state.items():
         p = _index(key, by_id, "inner optimizer state")
         if not isinstance(st, dict):
             raise _fail("a dict of state per parameter", f"{type(st).__name__} for index {key}")
