@@ -16,10 +16,21 @@ steps, then held; initial λ = 1e-2), through ``experiments.run_target``:
   as the controller left it and after ``finalize()``.
 * a regularization path (``control.path``, 8 strengths, warm starts, 20
   epochs each) for the Pareto figure.
+* optimizers (issue 12): the library's default path (``mode="auto"``,
+  ``hold="freeze"``) with Adam, AdamW (lr 1e-3) and SGD+momentum against
+  dense training and gradual magnitude pruning with the same optimizer,
+  epochs and ramp, 3 seeds.
+
+The default runs in "targets" use the library's defaults (``mode="auto"``:
+latent prox under the controller; ``hold="freeze"``); "sparsity reached by the
+controller" is the measured sparsity at the controller's last update before
+the final selection.
 
 Writes ``benchmarks/results/control.json`` and ``control_*.png`` (``--quick``:
 ``control_quick.*``, a smoke test of the script, not a measurement). Run
-``python benchmarks/control.py [--quick]`` or ``sparsecraft bench --suite control``.
+``python benchmarks/control.py [--quick] [--parts targets optimizers ...]`` or
+``sparsecraft bench --suite control``; ``--parts`` re-runs only those parts and
+keeps the others of an existing results file.
 """
 
 from __future__ import annotations
@@ -55,6 +66,10 @@ FULL = {"targets": (0.5, 0.8, 0.9, 0.95, 0.98, 0.99), "seeds": (0, 1, 2), "epoch
                       "n_out": 4, "density": 0.2, "n_train": 8192, "epochs": 60},
                      {"name": "64-32-10 regression", "hidden": (32,), "task": "regression",
                       "n_train": 16384, "epochs": 60})}
+# issue 12: per optimizer, the targets of its goals (digits MLP, lr: make_optimizer's defaults).
+OPTIMIZERS = {"adam": (0.99, 0.997), "adamw": (0.99, 0.997), "sgd": (0.99, 0.997, 0.998)}
+GRADUAL = ("adam", "adamw")
+PARTS = ("targets", "groups", "teachers", "path", "optimizers")
 QUICK = {"targets": (0.9, 0.99), "seeds": (0,), "epochs": 6, "path": (1e-2, 5e-2), "path_epochs": 2,
          "teachers": ({"name": "linear regression", "hidden": (), "task": "regression", "n_train": 2048,
                        "epochs": 6},)}
@@ -64,13 +79,15 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs)
 
 
-def _target_runs(data, cfg, mode: str, targets, seeds) -> list[dict[str, Any]]:
+def _target_runs(data, cfg, mode: str, targets, seeds, optimizer: str = "sgd") -> list[dict[str, Any]]:
     rows = []
     for target in targets:
         for seed in seeds:
-            r = experiments.run_target(data, target, epochs=cfg["epochs"], mode=mode, seed=seed)
-            rows.append({"target": target, "seed": seed, "mode": mode,
-                         "sparsity_controller": r.details["sparsity_before_finalize"],
+            r = experiments.run_target(data, target, epochs=cfg["epochs"], mode=mode, seed=seed,
+                                       optimizer=optimizer)
+            landed = r.details.get("controller_sparsity", r.details["sparsity_before_finalize"])
+            rows.append({"target": target, "seed": seed, "mode": mode, "optimizer": optimizer,
+                         "hold": r.config.get("hold"), "sparsity_controller": landed,
                          "accuracy_controller": r.details["accuracy_before_finalize"],
                          "sparsity_final": r.sparsity, "accuracy_final": r.accuracy,
                          "finalize_zeroed": r.details.get("finalize_zeroed", 0.0),
@@ -115,27 +132,93 @@ def _teacher_run(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def _optimizers_part(data, cfg) -> dict[str, Any]:
+    """Issue 12 on digits: the default path per optimizer vs dense and gradual magnitude pruning."""
+    seeds, epochs = cfg["seeds"], cfg["epochs"]
+    plan = OPTIMIZERS if cfg is FULL else {"adamw": (0.99,)}
+    rows, dense = [], {}
+    for opt, targets in plan.items():
+        accs = [experiments.run_dense(data, epochs=epochs, optimizer=opt, seed=s).accuracy for s in seeds]
+        dense[opt] = {"accuracy_per_seed": accs, "accuracy_mean": _mean(accs)}
+        for target in targets:
+            runs = _target_runs(data, cfg, "auto", (target,), seeds, optimizer=opt)
+            methods = [("sparsecraft default", runs)]
+            if opt in GRADUAL:
+                grad = [experiments.run_gradual(data, target, epochs=epochs, optimizer=opt, seed=s)
+                        for s in seeds]
+                methods.append(("gradual magnitude", [{"accuracy_final": g.accuracy, "sparsity_final": g.sparsity,
+                                                       "seed": g.config["seed"]} for g in grad]))
+            for method, sel in methods:
+                acc = [r["accuracy_final"] for r in sel]
+                rows.append({"optimizer": opt, "method": method, "target_%": 100 * target,
+                             "seeds": len(sel), "sparsity_%": 100 * _mean([r["sparsity_final"] for r in sel]),
+                             "accuracy_per_seed": acc, "accuracy_%": 100 * _mean(acc),
+                             "vs_dense_points": 100 * (_mean(acc) - dense[opt]["accuracy_mean"])})
+    return {"dense": dense, "rows": rows,
+            "settings": {"epochs": epochs, "seeds": list(seeds), "lr": "make_optimizer defaults "
+                         "(sgd 0.05 momentum 0.9, adam/adamw 1e-3)", "ramp": "cubic over 2/3 of the steps"}}
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     cfg = QUICK if quick else FULL
     torch.set_num_threads(1)
     t_all = time.perf_counter()
     data = datasets.digits()
-    out: dict[str, Any] = {"suite": "control", "quick": quick,
-                           "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                                       "python": platform.python_version(), "threads": 1},
-                           "settings": {k: v for k, v in cfg.items() if k != "teachers"}}
+    target_file = RESULTS.with_name("control_quick.json") if quick else RESULTS
+    out: dict[str, Any] = {}
+    out.update({"suite": "control", "quick": quick,
+                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                            "python": platform.python_version(), "threads": 1},
+                "settings": {k: v for k, v in cfg.items() if k != "teachers"}})
+    out["parts_seconds"] = {}
+    figures = HERE / "results"
+    stem = "control_quick" if quick else "control"
 
+    if "targets" in parts:
+        t0 = time.perf_counter()
+        _targets_part(data, cfg, out, figures, stem)
+        out["parts_seconds"]["targets"] = time.perf_counter() - t0
+    if "groups" in parts:
+        out["groups"] = _groups_run(data, cfg["epochs"])
+    if "teachers" in parts:
+        out["teacher_student"] = [_teacher_run(spec) for spec in cfg["teachers"]]
+    if "path" in parts:
+        def make():
+            return experiments.build_model(data, (256, 256), 0)
+
+        p = path(make, data, cfg["path"], epochs=cfg["path_epochs"])
+        out["path"] = p.to_dict()
+    if "optimizers" in parts:
+        t0 = time.perf_counter()
+        out["optimizers"] = _optimizers_part(data, cfg)
+        out["parts_seconds"]["optimizers"] = time.perf_counter() - t0
+    out["seconds"] = time.perf_counter() - t_all
+    # The parts not re-run keep their numbers: the file is read again just before writing,
+    # so two processes running different parts both land.
+    merged = json.loads(target_file.read_text()) if target_file.exists() else {}
+    seconds = {**merged.get("parts_seconds", {}), **out.pop("parts_seconds")}
+    merged.update(out)
+    merged["parts_seconds"] = seconds
+    if "targets" in parts and "path" in merged:
+        _figures(merged, figures, stem)
+    merged.pop("_figure_runs", None)
+    target_file.parent.mkdir(parents=True, exist_ok=True)
+    target_file.write_text(json.dumps(merged, indent=1, default=str))
+    return merged
+
+
+def _targets_part(data, cfg, out, figures, stem) -> None:
     dense = [experiments.run_dense(data, epochs=cfg["epochs"], seed=s) for s in cfg["seeds"]]
     dense_acc = _mean([d.accuracy for d in dense])
     out["dense"] = {"accuracy_per_seed": [d.accuracy for d in dense], "accuracy_mean": dense_acc}
 
-    latent = _target_runs(data, cfg, "latent", cfg["targets"], cfg["seeds"])
+    latent = _target_runs(data, cfg, "auto", cfg["targets"], cfg["seeds"])
     top = max(cfg["targets"])
     fb_top = _target_runs(data, cfg, "forward_backward", (top,), cfg["seeds"])
     fb_rest = _target_runs(data, cfg, "forward_backward", [t for t in cfg["targets"] if t != top], (0,))
 
     summary = []
-    for mode, rows in (("latent", latent), ("forward_backward", fb_top + fb_rest)):
+    for mode, rows in (("default (latent)", latent), ("forward_backward", fb_top + fb_rest)):
         for target in cfg["targets"]:
             sel = [r for r in rows if r["target"] == target]
             if not sel:
@@ -158,28 +241,23 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"accuracy_at_{top}_vs_dense_points": 100 * (_mean([r["accuracy_final"] for r in at_top]) - dense_acc),
         "peer_torchao_pat_at_0.99": {"accuracy": 0.9769, "dense": 0.9759, "source": "issue text"},
     }
+    out["_figure_runs"] = {"best": at_top[0]["_result"], "latent": latent, "fb": fb_top + fb_rest}
 
-    out["groups"] = _groups_run(data, cfg["epochs"])
-    out["teacher_student"] = [_teacher_run(spec) for spec in cfg["teachers"]]
 
-    def make():
-        return experiments.build_model(data, (256, 256), 0)
-
-    p = path(make, data, cfg["path"], epochs=cfg["path_epochs"])
-    out["path"] = p.to_dict()
-
-    figures = HERE / "results"
-    stem = "control_quick" if quick else "control"
-    best = at_top[0]["_result"]
+def _figures(out, figures, stem) -> None:
+    runs = out.pop("_figure_runs")
+    best, latent, fb = runs["best"], runs["latent"], runs["fb"]
+    top = max(r["target"] for r in latent)
+    curve = [(r["sparsity"], r["accuracy"]) for r in out["path"]["rows"]]
     out["figures"] = [
         report.plot_training(best.artifacts["controller_history"], figures / f"{stem}_training.png",
-                             title=f"TargetSparsity {top:g}, digits MLP, seed 0 (latent prox, SGD)"),
-        report.plot_pareto({"TargetSparsity (latent)": [(r["sparsity_final"], r["accuracy_final"])
-                                                        for r in latent],
+                             title=f"TargetSparsity {top:g}, digits MLP, seed 0 (default path, SGD)"),
+        report.plot_pareto({"TargetSparsity (default)": [(r["sparsity_final"], r["accuracy_final"])
+                                                         for r in latent],
                             "TargetSparsity (forward-backward)": [(r["sparsity_final"], r["accuracy_final"])
-                                                                  for r in fb_top + fb_rest],
-                            f"λ path (warm starts, {cfg['path_epochs']} epochs each)": p.curve()},
-                           figures / f"{stem}_pareto.png", dense_accuracy=dense_acc,
+                                                                  for r in fb],
+                            "λ path (warm starts)": curve},
+                           figures / f"{stem}_pareto.png", dense_accuracy=out["dense"]["accuracy_mean"],
                            title="digits MLP: accuracy vs exact-zero sparsity"),
         report.plot_layer_density(best.model, figures / f"{stem}_density.png",
                                   title=f"non-zeros per parameter at target {top:g}"),
@@ -187,16 +265,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         report.plot_mask(best.model[2].weight, figures / f"{stem}_mask.png", "2.weight"),
     ]
     out["figures"] = [os.path.relpath(f, HERE.parent) for f in out["figures"]]
-    out["seconds"] = time.perf_counter() - t_all
-    target = RESULTS.with_name("control_quick.json") if quick else RESULTS
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(out, indent=1))
-    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    res = run(quick=parser.parse_args().quick)
-    print(json.dumps({"summary": res["summary"], "acceptance": res["acceptance"],
-                      "groups": res["groups"], "teacher_student": res["teacher_student"]}, indent=1))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    args = parser.parse_args()
+    res = run(quick=args.quick, parts=tuple(args.parts))
+    print(json.dumps({k: res.get(k) for k in ("summary", "acceptance", "optimizers")}, indent=1, default=str))

@@ -171,7 +171,7 @@ def test_finalize_zeros_the_smallest_to_the_exact_count():
 
 def test_latent_finalize_moves_the_strength_both_ways(data):
     model, reg, opt = small_setup()
-    ctrl = TargetSparsity(opt, target=0.9, end_step=150)
+    ctrl = TargetSparsity(opt, target=0.9, end_step=150, hold="track")
     train(model, data, opt, epochs=8, regularizer=reg, controller=ctrl)
     numel = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
     for target in (0.85, 0.93):
@@ -276,7 +276,7 @@ def test_unreachable_target_warns_instead_of_growing_forever():
     reg = Regularizer(model)
     reg.add_weight("2.weight", "l1:1e-9")
     opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), reg)
-    ctrl = TargetSparsity(opt, target=0.9, end_step=5, every=1, gain=1.0)
+    ctrl = TargetSparsity(opt, target=0.9, end_step=5, every=1, gain=1.0, hold="track")
     with pytest.warns(UserWarning, match="cannot reach"):
         for _ in range(200):
             opt.zero_grad()

@@ -264,6 +264,6 @@ def test_load_dispatches_and_rejects_unknown_names():
     assert s.name == "superposition" and s.n_features == 4
     t = load("teacher", n_in=4, hidden=8, n_out=2, n_train=32, n_test=8)
     assert t.name == "teacher" and t.n_classes == 2
-    with pytest.raises(ValueError, match=r"\['digits', 'superposition', 'teacher'\]"):
+    with pytest.raises(ValueError, match=r"\['copy', 'digits', 'mnist1d', 'superposition', 'teacher'\]"):
         load("mnist")
     assert "n_train=16" in repr(s) and "features" in repr(s)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._present import _console, _markdown_table, _print_table
 
-SUITES = ("weights", "activity", "overhead", "export", "control")
+SUITES = ("weights", "activity", "overhead", "export", "control", "architectures")
 
 
 def _bench_dir(given: str | None) -> Path:

@@ -12,7 +12,8 @@ from ._bench import SUITES, _bench
 from ._demo import _demo
 from ._train import _train
 
-DATASETS = ("digits", "teacher", "superposition")
+DATASETS = ("digits", "teacher", "superposition", "mnist1d", "copy")
+MODELS = ("mlp", "autoencoder", "cnn", "lstm", "gru", "transformer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,8 +132,18 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train one model with a penalty and/or a target sparsity")
     tr.add_argument("--data", choices=DATASETS, default="digits")
-    tr.add_argument("--model", choices=("mlp", "autoencoder"), default="mlp")
-    tr.add_argument("--hidden", type=_hidden, default=None, help="hidden widths, e.g. 256,256")
+    tr.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="default: the data set's (mlp; cnn for mnist1d; transformer for copy)",
+    )
+    tr.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=None,
+        help="widths, e.g. 256,256 (cnn: channels; lstm/gru: state; transformer: d_model,d_ff)",
+    )
     tr.add_argument(
         "--penalty",
         type=_penalty_spec,
@@ -154,11 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--mode",
-        choices=("latent", "forward_backward"),
+        choices=("latent", "forward_backward", "auto"),
         default=None,
         help="prox mode of --penalty (default latent)",
     )
-    tr.add_argument("--optimizer", choices=("adam", "sgd"), default="sgd")
+    tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="sgd")
     tr.add_argument("--lr", type=_positive_float, default=None)
     tr.add_argument("--epochs", type=_positive_int, default=30)
     tr.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ def _train_into(args: argparse.Namespace, out: Path) -> int:
         ["non-zero params", f"{r.nonzero:,}"],
         ["wall time", f"{r.seconds:.1f} s"],
     ]
+    if data.task == "classification" and data.y_train.ndim == 2 and r.history:
+        # A language model: the per-token loss on the predictable targets, and its perplexity.
+        loss = r.history[-1]["test_loss"]
+        rows += [["test loss (per token)", f"{loss:.4f}"], ["test perplexity", f"{math.exp(loss):.3f}"]]
     for key in ("autoencoder", "pattern"):
         for k, v in r.details.get(key, {}).items():
             rows.append([f"{key} {k}", f"{v:.4g}"])
@@ -95,8 +100,12 @@ def _train_into(args: argparse.Namespace, out: Path) -> int:
     except ImportError:
         save = None
     if save is not None:
-        save(r.model, out / "model.safetensors")
-        saved.append("model.safetensors")
+        try:
+            save(r.model, out / "model.safetensors")
+            saved.append("model.safetensors")
+        except TypeError as err:  # a structure export.save cannot describe; the weights are saved
+            reason = " ".join(str(err).split())
+            console.print(f"model.safetensors not written ({reason}); model.pt has the weights.")
     metrics = {
         **r.row(),
         "history": r.history,

@@ -96,8 +96,8 @@ class DensityFloor:
     def _latent_view(self) -> list[tuple[Term, Tensor, float, float]] | None:
         """(term, latent copy, accumulated step γ, group scale) per term in latent mode, else None."""
         opt = self._optimizer
-        if opt is None or opt.mode != "latent":
-            return None
+        if opt is None or opt.mode != "latent" or opt.support_frozen:
+            return None  # a frozen support (hold="freeze") is no longer the prox of the latent
         if len({id(t.target) for t in self.terms}) != len(self.terms):
             return None  # two terms on one tensor: prox(latent) of each alone is not the weight
         # ProximalOptimizer keeps the latent copies and γ privately; they are read, never written.
@@ -115,10 +115,13 @@ class DensityFloor:
         return (log_m if cap is None else min(log_m, cap)) + self._term_offsets[i]
 
     def _latent_value(self, entry, base: float, log_scale: float) -> Tensor:
-        """``prox(latent, γ·λ·scale)`` of one term: what its weight is at that multiplier."""
+        """``prox(latent, γ·λ·scale)`` of one term: what its weight is at that multiplier
+        (with a ``relaxed`` optimizer: the latent on that prox's support, as it shows it)."""
         term, z, gamma, gs = entry
         value = z.clone()
         _apply_prox(term.penalty, value, gamma * base * math.exp(log_scale) * gs)
+        if self._optimizer is not None and self._optimizer.relaxed:
+            value = z * value.ne(0)
         return value
 
     def _latent_values(self, view, log_m: float) -> list[Tensor]:

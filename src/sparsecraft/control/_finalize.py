@@ -86,6 +86,8 @@ class FinalSelection(DensityFloor):
                 result["latent"] = 1.0
             if zeros < wanted:
                 self._cut_smallest(wanted - zeros)
+        if self._optimizer is not None and self._optimizer.support_frozen:
+            self._optimizer.freeze_support()  # the frozen support follows the new zeros
         after_units = self._units_of(owners)
         after_zero = [u.values == 0 for u in after_units]
         zeroed = [a & ~z for a, z in zip(after_zero, zero_before, strict=True)]

@@ -17,6 +17,8 @@ _KEYS = {"step", "log_scale", "last_error", "gain_now", "trend", "measured", "ta
 # Added with min_density; a checkpoint written before has none of them (defaults: no caps).
 _OPTIONAL = {"term_caps", "term_offsets"}
 _CONFIG = {"target", "start_step", "end_step", "initial", "measure", "every", "gain", "drift", "ramp"}
+# Added later (a checkpoint written before has none of them): min_density; hold and freeze_step.
+_CONFIG_OPTIONAL = {"min_density", "hold", "freeze_step"}
 _MEASURES = ("elements", "groups")
 
 
@@ -61,7 +63,7 @@ def check_state(state: Any, n_terms: int, measure: str, ramp_is_callable: bool) 
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"Expected a TargetSparsity state_dict with keys {sorted(_KEYS)}. Received: {got}")
     cfg = state["config"]
-    if not isinstance(cfg, dict) or set(cfg) - {"min_density"} != _CONFIG:
+    if not isinstance(cfg, dict) or set(cfg) - _CONFIG_OPTIONAL != _CONFIG:
         got = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
         raise ValueError(f"Expected a config with keys {sorted(_CONFIG)}. Received: {got}")
     out: dict[str, Any] = {
@@ -92,6 +94,12 @@ def check_state(state: Any, n_terms: int, measure: str, ramp_is_callable: bool) 
         out["ramp"] = ramp
     if "min_density" in cfg:
         out["min_density"] = fraction_from_zero("min_density", cfg["min_density"])
+    if "hold" in cfg:
+        if cfg["hold"] not in ("freeze", "track"):
+            raise ValueError(f"Expected hold in ('freeze', 'track'). Received: hold={cfg['hold']!r}")
+        out["hold"] = cfg["hold"]
+    if "freeze_step" in cfg:
+        out["freeze_step"] = integer("freeze_step", cfg["freeze_step"], out["end_step"])
     out["step"] = integer("step", state["step"], 0)
     out["log_scale"] = finite("log_scale", state["log_scale"])
     out["last_error"] = finite("last_error", state["last_error"], -1.0, 1.0)

@@ -21,6 +21,7 @@ from ._terms import choose_terms
 __all__ = ["TargetSparsity"]
 
 _MEASURES = ("elements", "groups")
+_HOLDS = ("freeze", "track")
 
 
 class TargetSparsity(FinalSelection):
@@ -80,10 +81,25 @@ class TargetSparsity(FinalSelection):
             default: about 200 updates over the ramp.
         gain: initial gain ``k`` per update on the log multiplier (> 0).
         drift: gain of the trend term relative to ``k`` (0 turns it off).
+        hold: what happens once the ramp reaches ``target`` at ``end_step``.
+            ``"freeze"`` (default with a ProximalOptimizer): :meth:`finalize`
+            makes the sparsity exact, then the optimizer's zero pattern is
+            fixed (:meth:`~sparsecraft.ProximalOptimizer.freeze_support`) and
+            the survivors train without shrinkage for the rest of the run (the
+            fine-tuning phase of gradual pruning; measured: docs/optim.md).
+            ``"track"`` (the only choice on a Regularizer): keep moving the
+            strength to hold the target.
+        freeze_step: with ``hold="freeze"``, the step at which the zeros are
+            fixed (default: ``end_step``); between ``end_step`` and it the
+            controller holds the target as with ``"track"``.
         min_density: the share of non-zero units every controlled tensor keeps,
             in [0, 1) (``ceil(min_density · units)``; default 0: off). A
             global target may otherwise empty a whole tensor, and with it a
             layer (a warning says so, once per tensor, either way).
+
+    A ProximalOptimizer built with the default ``mode="auto"`` switches to the
+    latent mode when the controller is built (the controlled path that measured
+    best for SGD and Adam/AdamW).
 
     Under ``torch.distributed`` the constructor, :meth:`step`,
     :meth:`measure_now` and :meth:`finalize` are collectives (every rank calls
@@ -101,11 +117,11 @@ class TargetSparsity(FinalSelection):
             or terms that are not Terms or names.
 
     Example:
-        >>> opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), 0.05), reg, mode="latent")
+        >>> opt = ProximalOptimizer(torch.optim.AdamW(model.parameters(), 1e-3), reg)
         >>> ctrl = TargetSparsity(opt, target=0.99, end_step=2 * n_steps // 3)
         >>> for x, y in batches:
         ...     ...; opt.step(); ctrl.step()
-        >>> ctrl.finalize()   # optional: exactly 99 % zeros
+        >>> ctrl.finalize()   # exactly 99 % zeros (already so with the default hold="freeze")
     """
 
     def __init__(
@@ -122,6 +138,8 @@ class TargetSparsity(FinalSelection):
         every: int | None = None,
         gain: float = 0.1,
         drift: float = 0.1,
+        hold: str | None = None,
+        freeze_step: int | None = None,
         min_density: float = 0.0,
     ):
         self.target = fraction_open("target", target)
@@ -149,6 +167,16 @@ class TargetSparsity(FinalSelection):
 
         self._optimizer = optimizer_or_regularizer if isinstance(optimizer_or_regularizer, ProximalOptimizer) \
             else None
+        if hold is not None and hold not in _HOLDS:
+            raise ValueError(f"Expected hold in {_HOLDS}. Received: hold={hold!r}")
+        if hold == "freeze" and self._optimizer is None:
+            raise ValueError(
+                "Expected a ProximalOptimizer for hold='freeze' (it fixes the optimizer's zeros). "
+                "Received: a Regularizer; pass the ProximalOptimizer, or hold='track'"
+            )
+        self.hold = hold or ("freeze" if self._optimizer is not None else "track")
+        self.freeze_step = self.end_step if freeze_step is None else integer("freeze_step", freeze_step,
+                                                                              minimum=self.end_step)
         self.terms = choose_terms(optimizer_or_regularizer, terms)
         self._base_scales = [t.scale for t in self.terms]
         self._params = list({id(t.target): t.target for t in self.terms}.values())
@@ -186,6 +214,9 @@ class TargetSparsity(FinalSelection):
         self._target_now = self.initial
         self._saturated = False
         self.history: list[dict[str, float]] = []
+        if self._optimizer is not None:
+            self._optimizer._steer()  # mode "auto": the latent mode from here on
+        self.final_selection: dict[str, float] | None = None
 
     def _settings(self) -> dict[str, Any]:
         """What every rank must agree on (compared by hash at construction)."""
@@ -288,9 +319,19 @@ class TargetSparsity(FinalSelection):
         """
         self._step += 1
         t = self._step
+        if self._optimizer is not None and self._optimizer.support_frozen:
+            return  # hold="freeze" after end_step: the zeros are fixed, nothing to steer
+        if t == self.freeze_step and self.hold == "freeze":
+            # Exact count, then a fixed support: the survivors train without shrinkage (and
+            # BatchNorm's running statistics follow one network, not a changing one).
+            self.final_selection = self.finalize()
+            self._optimizer.freeze_support()
+            return
         if t < self.start_step or ((t - self.start_step) % self.every and t != self.end_step):
             return
         target_now = self.target_at(t)
+        if t == self._calibration_step() and target_now > 0:
+            self._calibrate(target_now)
         zeros, sizes = self._global_counts()
         measured = sum(zeros) / max(sum(sizes), 1)
         self._check_dead(zeros, sizes, f"step {t}")
@@ -330,6 +371,31 @@ class TargetSparsity(FinalSelection):
             {"step": float(t), "target_now": target_now, "measured": measured, "scale": self.scale}
         )
 
+    def _calibration_step(self) -> int:
+        """The first update (a function of the settings: the same step after a resume).
+
+        Measured against a later one (the first update whose ramp value is a tenth of
+        the target): digits, Adam, 0.99, seed 0: 97.56 % vs 96.67 %. With ``every=1``
+        the multiplier solved at step 1 overshoots at step 2 (``γ`` doubles); the
+        controller brings it back within a few updates.
+        """
+        return self.start_step if self.start_step > 0 else min(self.every, self.end_step)
+
+    @torch.no_grad()
+    def _calibrate(self, target_now: float) -> None:
+        """Latent mode, once (:meth:`_calibration_step`): the multiplier that gives the ramp's sparsity now.
+
+        The starting strength is a guess: on digits with Adam, ``L1(1e-2)`` needed a
+        multiplier of 21 to follow the ramp, and the controller, whose steps in log
+        density are tiny while sparsity is low, lagged (2.7 % zeros where the ramp
+        asked 25.7 %), then pruned 40 % of the weights in 80 steps to catch up. The
+        latent copies give the sparsity at any strength without a step (as
+        :meth:`finalize` uses them), so one update sets it exactly.
+        """
+        view = self._latent_view()
+        if view is not None:
+            self._finalize_latent(view, round(target_now * self._numel))
+
     def _apply_scale(self) -> None:
         for i, (term, base) in enumerate(zip(self.terms, self._base_scales, strict=True)):
             term.scale = base * math.exp(self._effective(i, self._log_scale))
@@ -361,6 +427,7 @@ class TargetSparsity(FinalSelection):
             "config": {"target": self.target, "start_step": self.start_step, "end_step": self.end_step,
                        "initial": self.initial, "measure": self.measure, "every": self.every,
                        "gain": self.gain, "drift": self.drift, "min_density": self.min_density,
+                       "hold": self.hold, "freeze_step": self.freeze_step,
                        "ramp": self.ramp if isinstance(self.ramp, str) else "callable"},
         }
 
@@ -380,6 +447,8 @@ class TargetSparsity(FinalSelection):
         self.initial, self.every = new["initial"], new["every"]
         self.gain, self.drift = new["gain"], new["drift"]
         self.min_density = new.get("min_density", self.min_density)
+        self.hold = new.get("hold", self.hold)
+        self.freeze_step = new.get("freeze_step", self.freeze_step)
         if "ramp" in new:
             self.ramp = new["ramp"]
         self._step = new["step"]

@@ -18,9 +18,12 @@ class Split:
     """A train/test split held as tensors.
 
     Attributes:
-        X_train: Training inputs, float32 ``[n_train, n_features]``.
+        X_train: Training inputs, float32 ``[n_train, n_features]`` (int64
+            token ids ``[n_train, length]`` for a language task).
         y_train: Training targets: int64 class labels ``[n_train]`` for
-            classification, float32 ``[n_train, n_outputs]`` for regression.
+            classification (``[n_train, length]`` next tokens for a language
+            task, unpredictable ones marked ``IGNORE``), float32
+            ``[n_train, n_outputs]`` for regression.
         X_test: Test inputs, float32.
         y_test: Test targets, same kind as ``y_train``.
         name: Data set name.

@@ -24,21 +24,22 @@ from ._compare import METHODS, best_within, compare, pattern_f1, summarize
 from ._demo import DEMO_EPOCHS, demo_plan, reference_case
 from ._export import export_summary, structured_zeros
 from ._methods import (
-    pat_available,
     run_dense,
     run_l1_loss,
     run_l1_loss_thresholds,
-    run_pat,
     run_prox,
     run_target,
 )
+from ._pat import pat_available, run_pat, run_pat_target
 from ._pruning import cubic_sparsity, run_gradual, run_magnitude
 from ._spec import MODELS, default_hidden, run_spec
 from ._train import (
     RunResult,
     build_model,
     evaluate,
+    evaluate_loss,
     make_optimizer,
+    matrices,
     steps_per_epoch,
     train,
     weight_names,
@@ -61,8 +62,10 @@ __all__ = [
     "default_hidden",
     "demo_plan",
     "evaluate",
+    "evaluate_loss",
     "export_summary",
     "make_optimizer",
+    "matrices",
     "pat_available",
     "pattern_f1",
     "run_dense",
@@ -71,6 +74,7 @@ __all__ = [
     "run_l1_loss_thresholds",
     "run_magnitude",
     "run_pat",
+    "run_pat_target",
     "run_prox",
     "run_spec",
     "run_target",

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..datasets import Split
-from ._methods import run_dense, run_l1_loss, run_pat, run_prox, run_target
+from ._methods import run_dense, run_l1_loss, run_prox, run_target
+from ._pat import run_pat, run_pat_target
 from ._pruning import run_gradual, run_magnitude
 from ._train import Callback, RunResult
 
@@ -25,10 +26,15 @@ METHODS: dict[str, tuple[Callable[..., RunResult], str | None]] = {
     "prox": (run_prox, "lam"),
     "target": (run_target, "target"),
     "pat": (run_pat, "lam"),
+    "pat_target": (run_pat_target, "target"),
 }
 
 
-_KNOBS = ("lam", "tol", "target", "mode", "optimizer", "finetune_epochs", "frequency")
+_KNOBS = ("model", "lam", "tol", "target", "mode", "optimizer", "finetune_epochs", "frequency",
+          "freeze_fraction")
+# What makes two dense trainings the same (besides seed and hidden), with the methods' defaults.
+_DENSE_DEFAULTS = {"model": "mlp", "batch_size": 64, "epochs": 60, "optimizer": "sgd", "lr": None}
+_DENSE_KEYS = tuple(_DENSE_DEFAULTS)
 
 
 def _method_list(
@@ -68,7 +74,8 @@ def compare(
         on_epoch: Passed to every run.
         on_run_end: Called with each :class:`RunResult`.
         **common: Keyword arguments for every method (``epochs``, ``hidden``,
-            ``optimizer``), overridden by a method's own.
+            ``model``, ``batch_size``, ``optimizer``, ``lr``), overridden by a
+            method's own.
 
     ``magnitude`` prunes the ``dense`` model of the same seed and settings when
     one was trained in this call (its time is counted in the magnitude run),
@@ -83,18 +90,15 @@ def compare(
         for name, kw in plan:
             fn, _ = METHODS[name]
             kwargs = {**common, **kw, "seed": seed}
+            hidden = kwargs.get("hidden")
             key = (
                 seed,
-                tuple(kwargs.get("hidden", (256, 256))),
-                kwargs.get("epochs", 60),
-                kwargs.get("optimizer", "sgd"),
-                kwargs.get("lr"),
+                None if hidden is None else tuple(hidden),
+                *(kwargs.get(k, _DENSE_DEFAULTS[k]) for k in _DENSE_KEYS),
             )
             if name == "magnitude" and "dense" not in kwargs:
                 if key not in dense_cache:
-                    dense_kw = {
-                        k: kwargs[k] for k in ("hidden", "epochs", "optimizer", "lr") if k in kwargs
-                    }
+                    dense_kw = {k: kwargs[k] for k in ("hidden", *_DENSE_KEYS) if k in kwargs}
                     if on_run_start is not None:
                         on_run_start("dense (for magnitude)", seed, kwargs.get("epochs", 60))
                     dense_cache[key] = run_dense(data, seed=seed, on_epoch=on_epoch, **dense_kw)

@@ -6,14 +6,12 @@
 * ``magnitude`` and ``gradual``: magnitude pruning, in :mod:`._pruning`.
 * ``prox``: :class:`~sparsecraft.ProximalOptimizer` with an L1 penalty.
 * ``target``: prox plus :class:`~sparsecraft.control.TargetSparsity`.
-* ``pat``: torchao's prototype PAT (``PruneOptimizer`` with an elementwise
-  lasso), the outside reference; optional (``pip install 'sparsecraft[bench]'``).
+* ``pat`` and ``pat_target``: torchao's prototype PAT, in :mod:`._pat`.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from ._train import (
     build_model,
     evaluate,
     make_optimizer,
+    matrices,
     result,
     steps_per_epoch,
     train,
@@ -41,8 +40,6 @@ __all__ = [
     "run_dense",
     "run_l1_loss",
     "run_l1_loss_thresholds",
-    "run_pat",
-    "pat_available",
     "run_prox",
     "run_target",
 ]
@@ -58,14 +55,18 @@ def _check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> float:
     return float(value)
 
 
-def _linears(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+def _penalise_matrices(reg: Regularizer, net: nn.Module, penalty: Any) -> None:
+    """``penalty`` on every weight matrix and kernel of ``net`` (:func:`matrices`), one term each."""
+    for name, _ in matrices(net):
+        reg.add_weight(name, penalty)
 
 
 def run_dense(
     data: Split,
     *,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
@@ -74,23 +75,26 @@ def run_dense(
 ) -> RunResult:
     """No penalty: the accuracy every sparse method is compared with."""
     t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
+    net = build_model(data, hidden, seed, model)
     h = train(
-        model,
+        net,
         data,
-        make_optimizer(optimizer, model.parameters(), lr),
+        make_optimizer(optimizer, net.parameters(), lr),
         epochs=epochs,
+        batch_size=batch_size,
         seed=seed,
         on_epoch=on_epoch,
     )
-    return result("dense", model, data, t0, h, {"optimizer": optimizer, "seed": seed})
+    return result("dense", net, data, t0, h, {"model": model, "optimizer": optimizer, "seed": seed})
 
 
 def run_prox(
     data: Split,
     lam: float,
     *,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
@@ -102,16 +106,25 @@ def run_prox(
 ) -> RunResult:
     """L1 (or ``penalty``) on every weight matrix, applied by prox: exact zeros during training."""
     t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
-    reg = Regularizer(model)
-    reg.add_weight((nn.Linear, "weight"), penalty if penalty is not None else L1(lam))
+    net = build_model(data, hidden, seed, model)
+    reg = Regularizer(net)
+    _penalise_matrices(reg, net, penalty if penalty is not None else L1(lam))
     opt = ProximalOptimizer(
-        make_optimizer(optimizer, model.parameters(), lr), reg, mode=mode, floor=floor
+        make_optimizer(optimizer, net.parameters(), lr), reg, mode=mode, floor=floor
     )
-    h = train(model, data, opt, epochs=epochs, regularizer=reg, seed=seed, on_epoch=on_epoch)
+    h = train(
+        net,
+        data,
+        opt,
+        epochs=epochs,
+        batch_size=batch_size,
+        regularizer=reg,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
     reg.remove()
     return result(
-        "prox", model, data, t0, h, {"optimizer": optimizer, "lam": lam, "mode": mode, "seed": seed}
+        "prox", net, data, t0, h, {"model": model, "optimizer": optimizer, "lam": lam, "mode": mode, "seed": seed}
     )
 
 
@@ -120,7 +133,9 @@ def run_l1_loss_thresholds(
     lam: float,
     tols: Sequence[float],
     *,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
@@ -136,34 +151,37 @@ def run_l1_loss_thresholds(
     if not tols:
         raise ValueError(f"Expected at least one threshold. Received: tols={tols!r}")
     t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
-    reg = Regularizer(model)
-    reg.add_weight((nn.Linear, "weight"), L1(lam))
+    net = build_model(data, hidden, seed, model)
+    reg = Regularizer(net)
+    _penalise_matrices(reg, net, L1(lam))
     h = train(
-        model,
+        net,
         data,
-        make_optimizer(optimizer, model.parameters(), lr),
+        make_optimizer(optimizer, net.parameters(), lr),
         epochs=epochs,
+        batch_size=batch_size,
         regularizer=reg,
         seed=seed,
         on_epoch=on_epoch,
     )
     reg.remove()
     trained = time.perf_counter() - t0
-    before_sparsity, _ = weight_sparsity(model)
-    before_accuracy = evaluate(model, data)
+    before_sparsity, _ = weight_sparsity(net)
+    before_accuracy = evaluate(net, data)
     out = []
     for tol in tols:
         t1 = time.perf_counter()
-        copy_ = copy.deepcopy(model)
-        report = threshold(copy_, tol, params="*weight")
+        copy_ = copy.deepcopy(net)
+        report: dict[str, dict[str, float]] = {}
+        for name, _ in matrices(copy_):
+            report.update(threshold(copy_, tol, params=name))
         r = result(
             "l1_loss",
             copy_,
             data,
             t1,
             h,
-            {"optimizer": optimizer, "lam": lam, "tol": tol, "seed": seed},
+            {"model": model, "optimizer": optimizer, "lam": lam, "tol": tol, "seed": seed},
             {
                 "sparsity_before_threshold": before_sparsity,
                 "accuracy_before_threshold": before_accuracy,
@@ -171,7 +189,7 @@ def run_l1_loss_thresholds(
             },
         )
         r.seconds += trained
-        r.artifacts["model_before_threshold"] = model
+        r.artifacts["model_before_threshold"] = net
         out.append(r)
     return out
 
@@ -181,7 +199,9 @@ def run_l1_loss(
     lam: float,
     *,
     tol: float = 1e-3,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
@@ -194,6 +214,8 @@ def run_l1_loss(
         lam,
         (tol,),
         hidden=hidden,
+        model=model,
+        batch_size=batch_size,
         epochs=epochs,
         optimizer=optimizer,
         lr=lr,
@@ -206,13 +228,17 @@ def run_target(
     data: Split,
     target: float,
     *,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
-    mode: str = "latent",
+    mode: str = "auto",
     lam: float = 1e-2,
     ramp_fraction: float = 2 / 3,
+    hold: str | None = None,
+    freeze_fraction: float | None = None,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -220,34 +246,44 @@ def run_target(
     """Prox L1 whose strength :class:`~sparsecraft.control.TargetSparsity` steers to ``target``.
 
     The controller ramps sparsity from 0 to ``target`` (cubic) over the first
-    ``ramp_fraction`` of the steps and holds it; ``lam`` is only the starting
-    strength. With ``finalize`` the controller's exact final selection runs at
-    the end (the sparsity before it is in the details).
+    ``ramp_fraction`` of the steps; by default (``hold="freeze"``) it then
+    fixes the zeros and the survivors train without shrinkage for the rest
+    (``hold="track"``: it keeps steering the strength). ``mode="auto"`` is the
+    library's default: latent prox under the controller, shown relaxed (no
+    shrinkage) for Adam/AdamW. ``lam`` is only the starting strength. With
+    ``finalize`` the controller's exact final selection runs at the end (the
+    sparsity before it is in the details).
     """
     from ..control import TargetSparsity
 
     target = _check_fraction("target", target, allow_zero=False)
     t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
-    reg = Regularizer(model)
-    reg.add_weight((nn.Linear, "weight"), L1(lam))
-    opt = ProximalOptimizer(make_optimizer(optimizer, model.parameters(), lr), reg, mode=mode)
-    end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data)))
-    ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic")
+    net = build_model(data, hidden, seed, model)
+    reg = Regularizer(net)
+    _penalise_matrices(reg, net, L1(lam))
+    opt = ProximalOptimizer(make_optimizer(optimizer, net.parameters(), lr), reg, mode=mode)
+    end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data, batch_size)))
+    total = epochs * steps_per_epoch(data, batch_size)
+    freeze = None if freeze_fraction is None else max(end, round(freeze_fraction * total))
+    ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold,
+                          freeze_step=freeze)
     h = train(
-        model,
+        net,
         data,
         opt,
         epochs=epochs,
+        batch_size=batch_size,
         regularizer=reg,
         controller=ctrl,
         seed=seed,
         on_epoch=on_epoch,
     )
     details: dict[str, Any] = {
-        "sparsity_before_finalize": weight_sparsity(model)[0],
-        "accuracy_before_finalize": evaluate(model, data),
+        "sparsity_before_finalize": weight_sparsity(net)[0],
+        "accuracy_before_finalize": evaluate(net, data),
         "final_scale": ctrl.scale,
+        # Where the controller itself landed: before the selection at the freeze, or now.
+        "controller_sparsity": (ctrl.final_selection or {}).get("before", weight_sparsity(net)[0]),
     }
     if finalize and hasattr(ctrl, "finalize"):
         fin = ctrl.finalize()
@@ -255,81 +291,22 @@ def run_target(
     reg.remove()
     r = result(
         "target",
-        model,
+        net,
         data,
         t0,
         h,
-        {"optimizer": optimizer, "target": target, "mode": mode, "lam": lam, "seed": seed},
+        {
+            "model": model,
+            "optimizer": optimizer,
+            "target": target,
+            "mode": mode,
+            "lam": lam,
+            "hold": ctrl.hold,
+            "seed": seed,
+            # only when given: a knob of sweeps (compare/summarize) next to the default
+            **({"freeze_fraction": freeze_fraction} if freeze_fraction is not None else {}),
+        },
         details,
     )
     r.artifacts["controller_history"] = list(ctrl.history)
     return r
-
-
-def _import_pat() -> Any:
-    # torchao logs a warning per optional CUDA extension it cannot load on a CPU
-    # machine; those lines say nothing about PAT, so they are muted during the import.
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        from torchao.prototype.pat.optim import PruneOptimizer
-    except ImportError as err:
-        raise ImportError(
-            "run_pat needs torchao's prototype PAT: pip install 'sparsecraft[bench]'"
-        ) from err
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-    return PruneOptimizer
-
-
-def pat_available() -> bool:
-    """Whether torchao's prototype PAT can be imported (the optional ``bench`` extra)."""
-    try:
-        _import_pat()
-    except ImportError:
-        return False
-    return True
-
-
-def run_pat(
-    data: Split,
-    lam: float,
-    *,
-    hidden: Hidden = (256, 256),
-    epochs: int = 60,
-    optimizer: str = "sgd",
-    lr: float | None = None,
-    seed: int = 0,
-    on_epoch: Callback | None = None,
-) -> RunResult:
-    """torchao's PAT: ``PruneOptimizer`` with an elementwise lasso on the weight matrices.
-
-    Configured as its source describes: a parameter group with
-    ``group_type="ElemGrouper"``, ``prox_type="ProxLasso"`` and ``reg_lambda``;
-    biases in a plain group. PAT keeps latent weights updated by the base
-    optimizer and shows ``prox(latent, γ·λ)`` with ``γ`` the summed learning
-    rate, the same scheme as ``ProximalOptimizer(mode="latent")``.
-
-    Raises:
-        ImportError: If torchao is not installed.
-    """
-    prune_optimizer = _import_pat()
-    t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
-    weights = [p for p in model.parameters() if p.ndim >= 2]
-    others = [p for p in model.parameters() if p.ndim < 2]
-    groups = [
-        {
-            "params": weights,
-            "group_type": "ElemGrouper",
-            "prox_type": "ProxLasso",
-            "reg_lambda": lam,
-        },
-        {"params": others},
-    ]
-    opt = prune_optimizer(make_optimizer(optimizer, groups, lr), reg_lambda=lam)
-    h = train(model, data, opt, epochs=epochs, seed=seed, on_epoch=on_epoch)
-    return result("pat", model, data, t0, h, {"optimizer": optimizer, "lam": lam, "seed": seed})

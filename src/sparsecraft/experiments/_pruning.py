@@ -1,7 +1,8 @@
 """Magnitude pruning, the usual way to a sparse network, as a baseline for the prox methods.
 
-* ``magnitude``: one-shot global magnitude pruning (``torch.nn.utils.prune``)
-  of the trained dense model, then fine-tuning with the mask fixed.
+* ``magnitude``: one-shot global magnitude pruning (the global ranking of
+  ``torch.nn.utils.prune.global_unstructured``) of the trained dense model,
+  then fine-tuning with the mask fixed.
 * ``gradual``: gradual magnitude pruning with the cubic schedule of Zhu & Gupta
   (2017), as TensorFlow Model Optimization's ``PolynomialDecay`` does it.
 """
@@ -13,16 +14,16 @@ import time
 from collections.abc import Sequence
 
 import torch
-from torch.nn.utils import prune
 
 from ..datasets import Split
-from ._methods import _check_fraction, _linears, run_dense
+from ._methods import _check_fraction, run_dense
 from ._train import (
     Callback,
     RunResult,
     build_model,
     evaluate,
     make_optimizer,
+    matrices,
     result,
     steps_per_epoch,
     train,
@@ -33,11 +34,39 @@ __all__ = ["cubic_sparsity", "run_gradual", "run_magnitude"]
 Hidden = Sequence[int]
 
 
+class _Masks:
+    """Keep-masks on a model's weight matrices, held through training.
+
+    A masked weight gets no gradient (a hook multiplies it by the mask) and is
+    set to zero again after every step (weight decay or momentum would move
+    it). Masks live beside the parameters instead of re-parametrising them as
+    ``torch.nn.utils.prune`` does: a tied weight (an embedding that is also the
+    output head) stays one parameter, and LSTM/GRU weights stay the tensors
+    their fused kernel reads.
+    """
+
+    def __init__(self, weights: list[torch.Tensor]):
+        self.weights = weights
+        self.masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+        self._hooks = [w.register_hook(lambda g, i=i: g * self.masks[i]) for i, w in enumerate(weights)]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for w, m in zip(self.weights, self.masks, strict=True):
+            w.mul_(m)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 def run_magnitude(
     data: Split,
     sparsity: float,
     *,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     finetune_epochs: int = 20,
     optimizer: str = "sgd",
@@ -49,37 +78,49 @@ def run_magnitude(
     """One-shot global magnitude pruning of a trained dense model, then fine-tuning with the mask.
 
     The smallest ``sparsity`` fraction of all weight-matrix entries (one global
-    ranking, ``torch.nn.utils.prune.global_unstructured`` with
-    ``L1Unstructured``) is masked; the model is fine-tuned for
-    ``finetune_epochs`` with the mask fixed; ``prune.remove`` then makes the
-    zeros permanent. Pass ``dense`` (a :func:`run_dense` result, not modified)
-    to reuse its training; its time is added to this run's.
+    ranking over :func:`matrices`, what ``torch.nn.utils.prune.global_unstructured``
+    with ``L1Unstructured`` selects) is zeroed; the model is fine-tuned for
+    ``finetune_epochs`` with the mask fixed (masked weights get no gradient and
+    stay zero). Pass ``dense`` (a :func:`run_dense` result, not modified) to
+    reuse its training; its time is added to this run's.
     """
     sparsity = _check_fraction("sparsity", sparsity)
     if dense is None:
-        dense = run_dense(data, hidden=hidden, epochs=epochs, optimizer=optimizer, lr=lr, seed=seed)
+        dense = run_dense(
+            data,
+            hidden=hidden,
+            model=model,
+            batch_size=batch_size,
+            epochs=epochs,
+            optimizer=optimizer,
+            lr=lr,
+            seed=seed,
+        )
     t0 = time.perf_counter()
-    model = copy.deepcopy(dense.model)
-    targets = [(m, "weight") for m in _linears(model)]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    pruned_accuracy = evaluate(model, data)
+    net = copy.deepcopy(dense.model)
+    held = _Masks([p for _, p in matrices(net)])
+    held.masks[:] = _global_masks(held.weights, sparsity)
+    held.apply()
+    pruned_accuracy = evaluate(net, data)
     h = train(
-        model,
+        net,
         data,
-        make_optimizer(optimizer, model.parameters(), lr),
+        make_optimizer(optimizer, net.parameters(), lr),
         epochs=finetune_epochs,
+        batch_size=batch_size,
         seed=seed + 1,
+        after_step=held.apply,
         on_epoch=on_epoch,
     )
-    for m, name in targets:
-        prune.remove(m, name)
+    held.remove()
     r = result(
         "magnitude",
-        model,
+        net,
         data,
         t0,
         h,
         {
+            "model": model,
             "optimizer": optimizer,
             "target": sparsity,
             "finetune_epochs": finetune_epochs,
@@ -122,7 +163,9 @@ def run_gradual(
     data: Split,
     sparsity: float,
     *,
-    hidden: Hidden = (256, 256),
+    hidden: Hidden | None = None,
+    model: str = "mlp",
+    batch_size: int = 64,
     epochs: int = 60,
     optimizer: str = "sgd",
     lr: float | None = None,
@@ -148,39 +191,41 @@ def run_gradual(
             f"Expected ramp_fraction in (0, 1]. Received: ramp_fraction={ramp_fraction!r}"
         )
     t0 = time.perf_counter()
-    model = build_model(data, tuple(hidden), seed)
-    weights = [m.weight for m in _linears(model)]
-    end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data)))
-    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
-    hooks = [w.register_hook(lambda g, i=i: g * masks[i]) for i, w in enumerate(weights)]
+    net = build_model(data, hidden, seed, model)
+    held = _Masks([p for _, p in matrices(net)])
+    end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data, batch_size)))
     step = 0
 
-    @torch.no_grad()
     def after_step() -> None:
         nonlocal step
         step += 1
         if step <= end and (step % frequency == 0 or step == end):
-            masks[:] = _global_masks(weights, cubic_sparsity(step, sparsity, end))
-        for w, m in zip(weights, masks, strict=True):
-            w.mul_(m)
+            held.masks[:] = _global_masks(held.weights, cubic_sparsity(step, sparsity, end))
+        held.apply()
 
     h = train(
-        model,
+        net,
         data,
-        make_optimizer(optimizer, model.parameters(), lr),
+        make_optimizer(optimizer, net.parameters(), lr),
         epochs=epochs,
+        batch_size=batch_size,
         seed=seed,
         after_step=after_step,
         on_epoch=on_epoch,
     )
-    for hook in hooks:
-        hook.remove()
+    held.remove()
     return result(
         "gradual",
-        model,
+        net,
         data,
         t0,
         h,
-        {"optimizer": optimizer, "target": sparsity, "frequency": frequency, "seed": seed},
+        {
+            "model": model,
+            "optimizer": optimizer,
+            "target": sparsity,
+            "frequency": frequency,
+            "seed": seed,
+        },
         {"ramp_steps": end},
     )

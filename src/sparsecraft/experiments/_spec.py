@@ -9,22 +9,36 @@ from typing import Any
 from torch import nn
 
 from .. import penalties as _penalties
-from ..datasets import Split
+from ..datasets import Split, default_model
 from ..metrics import sparsity as sparsity_report
 from ..optim import ProximalOptimizer
 from ..regularizer import Regularizer
 from ._autoencoder import Autoencoder, autoencoder_metrics
 from ._compare import pattern_f1
-from ._train import Callback, RunResult, build_model, make_optimizer, result, steps_per_epoch, train
+from ._train import (
+    Callback,
+    RunResult,
+    build_model,
+    make_optimizer,
+    matrices,
+    result,
+    steps_per_epoch,
+    train,
+)
 
 __all__ = ["MODELS", "default_hidden", "run_spec"]
 
-MODELS = ("mlp", "autoencoder")
+MODELS = ("mlp", "autoencoder", "cnn", "lstm", "gru", "transformer")
+# Default widths of the sequence models (datasets.make_model): channels, state, (d_model, d_ff).
+_WIDTHS = {"cnn": (32,), "lstm": (64,), "gru": (64,), "transformer": (64, 128)}
 _APPLY = ("prox", "loss")
 
 
 def default_hidden(data: Split, model: str = "mlp") -> tuple[int, ...]:
-    """Default hidden widths: the digits MLP, the teacher's widths, or a 2x-wide code."""
+    """Default hidden widths: the digits MLP, the teacher's widths, a 2x-wide code, or
+    the sequence model's own (CNN channels 32, LSTM/GRU state 64, transformer (64, 128))."""
+    if model in _WIDTHS:
+        return _WIDTHS[model]
     if model == "autoencoder" or data.name == "superposition":
         return (2 * int(data.meta.get("n_latent", data.n_features)),)
     if data.name == "teacher":
@@ -38,8 +52,8 @@ def _describe(pen: Any) -> dict[str, Any] | None:
 
 
 def _build(data: Split, model: str, hidden: tuple[int, ...], seed: int) -> nn.Module:
-    if model == "mlp":
-        return build_model(data, hidden, seed)
+    if model != "autoencoder":
+        return build_model(data, hidden, seed, model)
     if data.task != "regression" or tuple(data.y_train.shape[1:]) != (data.n_features,):
         raise ValueError(
             f"Expected an autoencoding data set (targets = inputs, e.g. superposition) for "
@@ -58,7 +72,7 @@ def _build(data: Split, model: str, hidden: tuple[int, ...], seed: int) -> nn.Mo
 def run_spec(
     data: Split,
     *,
-    model: str = "mlp",
+    model: str | None = None,
     hidden: Sequence[int] | None = None,
     penalty: Any = None,
     activity: Any = None,
@@ -75,11 +89,16 @@ def run_spec(
 
     Args:
         data: The split.
-        model: ``"mlp"`` or ``"autoencoder"`` (one hidden layer; autoencoding data only).
+        model: ``"mlp"``, ``"autoencoder"`` (one hidden layer; autoencoding data
+            only), ``"cnn"``, ``"lstm"``, ``"gru"`` (MNIST-1D) or ``"transformer"``
+            (the copy task); default: the data set's
+            (:func:`~sparsecraft.datasets.default_model`).
         hidden: Hidden widths (default: :func:`default_hidden`).
-        penalty: Weight penalty on every ``nn.Linear`` weight: a Penalty or a
-            spec string (``"l1:1e-2"``, ``"group_lasso:1e-3:rows"``).
-        activity: Activity penalty on every hidden ReLU output (Keras
+        penalty: Weight penalty on every weight matrix and kernel (ndim >= 2:
+            Linear and conv weights, LSTM/GRU matrices, attention projections,
+            embeddings; not biases or norm scales): a Penalty or a spec string
+            (``"l1:1e-2"``, ``"group_lasso:1e-3:rows"``).
+        activity: Activity penalty on every ``nn.ReLU`` module's output (Keras
             ``activity_regularizer``: ``penalty(out) / batch``), through the loss.
         target: A sparsity in (0, 1) for :class:`~sparsecraft.control.TargetSparsity`
             to reach by steering the weight penalty's strength (needs a prox
@@ -101,6 +120,8 @@ def run_spec(
         ValueError: On an unknown model, apply mode, penalty spec, or a target
             the penalties cannot reach.
     """
+    if model is None:
+        model = default_model(data)
     if model not in MODELS:
         raise ValueError(f"Expected model in {MODELS}. Received: model={model!r}")
     if apply not in _APPLY:
@@ -119,11 +140,17 @@ def run_spec(
     net = _build(data, model, hidden, seed)
     reg = Regularizer(net)
     if weight_pen is not None:
-        reg.add_weight((nn.Linear, "weight"), weight_pen)
+        for name, _ in matrices(net):
+            reg.add_weight(name, weight_pen)
     if activity_pen is not None:
-        for name, m in net.named_modules():
-            if isinstance(m, nn.ReLU):
-                reg.add_activity(name, activity_pen)
+        relus = [name for name, m in net.named_modules() if isinstance(m, nn.ReLU)]
+        if not relus:
+            raise ValueError(
+                f"Expected nn.ReLU modules to put the activity penalty on. "
+                f"Received: model={model!r}, which has none"
+            )
+        for name in relus:
+            reg.add_activity(name, activity_pen)
     opt = make_optimizer(optimizer, net.parameters(), lr)
     if apply == "prox" and weight_pen is not None and weight_pen.proximable:
         opt = ProximalOptimizer(opt, reg, mode=mode)

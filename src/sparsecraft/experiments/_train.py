@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..datasets import Split, mlp
+from ..datasets import IGNORE, Split, make_model
 from ..regularizer import Regularizer
 
 __all__ = [
@@ -19,12 +19,16 @@ __all__ = [
     "build_model",
     "evaluate",
     "make_optimizer",
+    "matrices",
+    "evaluate_loss",
     "train",
     "weight_names",
     "weight_sparsity",
 ]
 
 Callback = Callable[[int, dict[str, float]], None]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass
@@ -79,9 +83,13 @@ def _effective(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     and a ``weight_mask`` buffer; the forward uses their product, so that is
     what is counted (the dense ``weight_orig`` would show no zeros).
     """
+    seen: set[int] = set()
     for mname, module in model.named_modules():
         buffers = dict(module.named_buffers(recurse=False))
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied weight (head.weight = embed.weight) counts once
+                continue
+            seen.add(id(p))
             name = f"{mname}.{pname}" if mname else pname
             if pname.endswith("_orig") and f"{pname[:-5]}_mask" in buffers:
                 yield name[:-5], p.detach() * buffers[f"{pname[:-5]}_mask"]
@@ -111,19 +119,42 @@ def weight_sparsity(model: nn.Module) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split) -> float:
-    """Test accuracy (classification) or minus the test mean squared error (regression)."""
+def _measure(model: nn.Module, data: Split) -> tuple[float, float]:
+    """``(metric, loss)`` on the test split in one forward (see :func:`evaluate`)."""
     was_training = model.training
     model.eval()
     out = model(data.X_test)
     model.train(was_training)
+    loss = float(_loss_fn(data)(out, data.y_test))
     if data.task == "classification":
-        return float((out.argmax(1) == data.y_test).float().mean())
-    return -float(((out - data.y_test) ** 2).mean())
+        # Sequence targets [n, T] mark unpredictable positions with IGNORE; only the rest count.
+        pred = out.argmax(-1)
+        keep = data.y_test != IGNORE
+        return float((pred == data.y_test)[keep].float().mean()), loss
+    return -float(((out - data.y_test) ** 2).mean()), loss
+
+
+def evaluate(model: nn.Module, data: Split) -> float:
+    """Test accuracy (classification) or minus the test mean squared error (regression).
+
+    For sequence models (logits ``[n, T, classes]``, targets ``[n, T]``) the
+    accuracy is per token over the targets that are not
+    :data:`~sparsecraft.datasets.IGNORE`.
+    """
+    return _measure(model, data)[0]
+
+
+def evaluate_loss(model: nn.Module, data: Split) -> float:
+    """The loss of :func:`train` on the test split: cross-entropy (per token over the
+    non-IGNORE targets for sequences; ``exp`` of it is the perplexity) or the MSE."""
+    return _measure(model, data)[1]
 
 
 def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
-    """``"sgd"`` (momentum 0.9, lr 0.05) or ``"adam"`` (lr 1e-3): the optimizers of the methods.
+    """The optimizers of the methods, with PyTorch's defaults except where noted.
+
+    ``"sgd"`` (momentum 0.9, lr 0.05), ``"adam"`` (lr 1e-3) or ``"adamw"``
+    (lr 1e-3, PyTorch's weight decay 0.01).
 
     Raises:
         ValueError: On another name.
@@ -132,14 +163,37 @@ def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.opt
         return torch.optim.SGD(params, lr=0.05 if lr is None else lr, momentum=0.9)
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-3 if lr is None else lr)
-    raise ValueError(f"Expected optimizer in ('sgd', 'adam'). Received: optimizer={name!r}")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3 if lr is None else lr)
+    raise ValueError(
+        f"Expected optimizer in {OPTIMIZERS}. Received: optimizer={name!r}"
+    )
 
 
-def build_model(data: Split, hidden: tuple[int, ...] = (256, 256), seed: int = 0) -> nn.Sequential:
-    """The MLP the methods train: ``mlp(n_features, hidden, n_out)``, seeded with ``seed``."""
+def build_model(
+    data: Split, hidden: Sequence[int] | None = None, seed: int = 0, model: str = "mlp"
+) -> nn.Module:
+    """The model the methods train, seeded with ``seed``: :func:`~sparsecraft.datasets.make_model`.
+
+    ``model="mlp"`` is ``mlp(n_features, hidden, n_out)`` (``None``: the
+    digits widths ``(256, 256)``); ``"cnn"``, ``"lstm"``, ``"gru"``
+    (MNIST-1D) and ``"transformer"`` (the copy task) read ``hidden`` as their
+    widths (``None``: their defaults).
+    """
     torch.manual_seed(seed)
-    n_out = data.n_classes if data.n_classes is not None else data.y_train.shape[1]
-    return mlp(data.n_features, hidden, n_out)
+    return make_model(model, data, None if hidden is None else tuple(hidden))
+
+
+def matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weight matrices and kernels (ndim >= 2) a method penalises or prunes, by name.
+
+    For an MLP these are the ``nn.Linear`` weights; for a CNN the conv
+    kernels and the classifier; for an LSTM ``weight_ih``/``weight_hh``; for
+    the transformer the attention projections, the FFN, the position
+    embedding and the token embedding, which a tied head shares (listed once,
+    as ``named_parameters`` does). Norm scales and biases are left out.
+    """
+    return [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
 
 
 def steps_per_epoch(data: Split, batch_size: int = 64) -> int:
@@ -147,9 +201,14 @@ def steps_per_epoch(data: Split, batch_size: int = 64) -> int:
     return -(-data.n_train // batch_size)
 
 
+def _sequence_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # logits [n, T, classes] against targets [n, T]; IGNORE targets are skipped.
+    return nn.functional.cross_entropy(out.flatten(0, -2), target.flatten(), ignore_index=IGNORE)
+
+
 def _loss_fn(data: Split) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if data.task == "classification":
-        return nn.functional.cross_entropy
+        return _sequence_cross_entropy if data.y_train.ndim == 2 else nn.functional.cross_entropy
     return nn.functional.mse_loss
 
 
@@ -166,7 +225,7 @@ def train(
     after_step: Callable[[], None] | None = None,
     on_epoch: Callback | None = None,
 ) -> list[dict[str, float]]:
-    """Minibatch training; returns the per-epoch history (loss, test metric, weight sparsity).
+    """Minibatch training; returns the per-epoch history (loss, test metric and loss, sparsity).
 
     ``regularizer.loss()`` is added to the data loss; ``controller.step()`` runs
     after each optimizer step and ``controller.record()`` is merged into each
@@ -213,10 +272,12 @@ def train(
             total += value * len(idx)
         _check_finite(model, epoch)
         sparsity, nonzero = weight_sparsity(model)
+        metric, test_loss = _measure(model, data)
         record = {
             "epoch": epoch + 1,
             "loss": total / n,
-            "metric": evaluate(model, data),
+            "metric": metric,
+            "test_loss": test_loss,
             "sparsity": sparsity,
             "nonzero": nonzero,
         }

@@ -18,14 +18,15 @@ import torch
 from torch import Tensor
 
 from ..regularizer import Regularizer, Term
-from ._prox_step import _apply_prox, _ProxStep
-from ._rules import _lr, _penalty_scale, _rule_for
+from ._prox_step import _ProxStep
+from ._rules import _BUILTIN_RULES, _lr, _penalty_scale, _rule_for
 from ._state import check_state_dict
+from ._support import _Support
 
-_MODES = ("forward_backward", "latent")
+_MODES = ("auto", "forward_backward", "latent")
 
 
-class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
+class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
     """Wraps any optimizer; after its step, applies the prox of the regularizer's weight terms.
 
     Args:
@@ -34,16 +35,28 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             ``"penalty_scale"`` (default 1.0) to scale the strengths of its terms.
         regularizer: every weight term with a closed-form prox whose parameter
             the optimizer holds is applied by prox and leaves ``regularizer.loss()``.
-        mode: ``"forward_backward"`` (default): ``w ← prox_{tR}(inner_step(w))``,
+        mode: ``"auto"`` (default): forward–backward for a fixed strength, and
+            latent once a :class:`~sparsecraft.control.TargetSparsity` steers
+            this optimizer (what measured best for both, docs/optim.md).
+            ``"forward_backward"``: ``w ← prox_{tR}(inner_step(w))``,
             with ``t`` the inner optimizer's step (SGD: ``lr``; Adam/AdamW:
             ``lr/(sqrt(v̂)+eps)``; Adagrad, RMSprop from their state; any other
             optimizer: ``lr``, with a warning); ``t = 0`` where the second moment is
-            0 (the coordinate never had a gradient) or not finite. ``"latent"``: the
-            inner optimizer updates a dense latent copy ``z`` of each parameter, and
-            the model holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken
-            (dual averaging); costs one extra copy of the penalised parameters.
+            0 (the coordinate never had a gradient) or not finite; its fixed points
+            are those of the penalised objective. ``"latent"``: the inner optimizer
+            updates a dense latent copy ``z`` of each parameter, and the model
+            holds ``prox_{γR}(z)`` with ``γ = Σ lr`` over the steps taken (dual
+            averaging); costs one extra copy of the penalised parameters.
             Weights changed outside the optimizer (``model.load_state_dict``, an
             in-place op) are followed: ``z`` becomes them and ``γ`` restarts at 0.
+        relaxed: latent mode only: show the latent values on the support the
+            prox selects, ``z·[prox_{γR}(z) ≠ 0]``, instead of the prox itself
+            (no shrinkage of the survivors; relaxed lasso). Default (None): off at
+            a fixed strength (the model shows the prox); when a
+            :class:`~sparsecraft.control.TargetSparsity` steers an adaptive
+            optimizer (Adam, AdamW, Adagrad, RMSprop), on: its latent copy moves
+            by about ``lr`` a step and the shrinkage eats the survivors
+            (docs/optim.md). SGD and unknown optimizers keep the prox.
         floor: guard for adaptive optimizers. Where a gradient dies, ``v̂`` decays
             to 0 and the threshold ``lr·λ/(sqrt(v̂)+eps)`` explodes, zeroing the
             weight, then its neighbours (REFERENCES.md; ProxGen, Yun et al.
@@ -80,9 +93,10 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         regularizer: Regularizer,
         *,
-        mode: str = "forward_backward",
+        mode: str = "auto",
         floor: float = 0.1,
         fused: bool = False,
+        relaxed: bool | None = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Expected a torch.optim.Optimizer. Received: {type(optimizer).__name__}")
@@ -96,12 +110,18 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
             raise ValueError(f"Expected floor in [0, 1]. Received: floor={floor!r}")
         if not isinstance(fused, bool):
             raise TypeError(f"Expected fused to be a bool. Received: fused={fused!r}")
+        if relaxed is not None and not isinstance(relaxed, bool):
+            raise TypeError(f"Expected relaxed to be a bool or None. Received: relaxed={relaxed!r}")
         self.inner = optimizer
         self.regularizer = regularizer
-        self.mode = mode
+        # "auto" runs forward-backward until a controller asks for the latent mode (_steer).
+        self._auto = mode == "auto"
+        self.mode = "forward_backward" if self._auto else mode
         self.floor = float(floor)
         self.fused = fused
         self._rule, known = _rule_for(optimizer)
+        self._relaxed_arg = relaxed
+        self.relaxed = bool(relaxed)
         if not known:
             warnings.warn(
                 f"ProximalOptimizer does not know the step size of {type(optimizer).__name__}; "
@@ -130,12 +150,25 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
         # different version at the next step means the weights were changed outside
         # (model.load_state_dict, an in-place op, threshold()): the latent copy follows.
         self._versions: dict[Tensor, int] = {}
+        self._masks: dict[Tensor, Tensor] = {}  # the frozen support (freeze_support)
         if mode == "latent":
-            with torch.no_grad():
-                for p in self._terms:
-                    self._latent[p] = p.detach().clone()
-                    self._gamma[p] = 0.0
-                    self._versions[p] = p._version
+            self._start_latent()
+
+    @torch.no_grad()
+    def _start_latent(self) -> None:
+        self.mode = "latent"
+        for p in self._terms:
+            self._latent[p] = p.detach().clone()
+            self._gamma[p] = 0.0
+            self._versions[p] = p._version
+
+    def _steer(self) -> None:
+        """Called by a controller: mode ``"auto"`` switches to latent from the current weights,
+        and ``relaxed=None`` turns on for adaptive optimizers."""
+        if self._auto and self.mode != "latent":
+            self._start_latent()
+        if self._relaxed_arg is None:
+            self.relaxed = self._rule in _BUILTIN_RULES
 
     # -- binding -----------------------------------------------------------------------
     def _bind(self, reg: Regularizer) -> dict[Tensor, Term]:
@@ -191,6 +224,8 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                   for g in self.param_groups]
         lrs = [_lr(g) if sc > 0 or self.mode == "latent" else 0.0
                for g, sc in zip(self.param_groups, scales, strict=True)]
+        if self._masks:
+            return self._frozen_step(closure)
         if self.mode == "latent":
             loss = None
             if closure is not None:
@@ -207,7 +242,7 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                         self._latent[p].copy_(p)
                         term = self._terms[p]
                         self._gamma[p] += lr
-                        _apply_prox(term.penalty, p, self._gamma[p] * term.scale * scale)
+                        self._show_latent(term, p, self._gamma[p] * term.scale * scale)
                         self._versions[p] = p._version
             return loss
         loss = self.inner.step(closure)
@@ -262,6 +297,7 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                 "gamma": {index[p]: g for p, g in self._gamma.items()},
                 "typical": {index[p]: t.clone() for p, t in self._typical.items()},
                 "floor_steps": {index[p]: n for p, n in self._floor_steps.items()},
+                "masks": self._support_state(index),
             },
         }
 
@@ -279,7 +315,22 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
                 tensor of another shape or dtype, a non-finite or negative γ or floor
                 reference. The optimizer is then unchanged.
         """
-        checked = check_state_dict(self, state_dict)
+        prox = state_dict.get("prox") if isinstance(state_dict, dict) else None
+        # Mode "auto" saved after a controller switched it to latent: switch now (undone on error).
+        switched = self._auto and self.mode != "latent" and isinstance(prox, dict) \
+            and prox.get("mode") == "latent"
+        if switched:
+            self._start_latent()
+        try:
+            checked = check_state_dict(self, state_dict)
+            masks = self._load_support(prox.get("masks", {}), self._params())
+        except ValueError:
+            if switched:
+                self.mode = "forward_backward"
+                self._latent.clear()
+                self._gamma.clear()
+                self._versions.clear()
+            raise
         self.inner.load_state_dict(state_dict["inner"])
         # The inner load rebuilt its param_groups list: share it again.
         self.param_groups = self.inner.param_groups
@@ -292,6 +343,7 @@ class ProximalOptimizer(_ProxStep, torch.optim.Optimizer):
         self._typical = checked.typical
         self._floor_steps = checked.floor_steps
         self._versions.clear()  # the latent copies just loaded define the weights
+        self._masks = masks
 
     def __repr__(self) -> str:
         return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "

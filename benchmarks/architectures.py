@@ -1,0 +1,295 @@
+"""Real architectures: sparsecraft against magnitude pruning and PAT on a BN-CNN, an LSTM and a transformer.
+
+Per model (the MNIST-1D 1-D CNN with BatchNorm, the MNIST-1D LSTM, the
+tied-embedding causal transformer on the copy language), per optimizer
+(SGD+momentum 0.9 and AdamW with PyTorch's defaults, each with the model's
+learning rate below) and per requested fraction of exact zeros over the weight
+matrices (50/90/95/98 %), 3 seeds each, every method trains the same model
+with the same data order, batch and learning rate for the same number of
+epochs ``E``:
+
+* ``target``: sparsecraft's plain path, ``ProximalOptimizer(opt, reg)`` with
+  L1 on every weight matrix and its default mode, ``TargetSparsity(opt,
+  target, end_step)`` ramping over the first 2/3 of the steps, then
+  ``finalize()`` (``experiments.run_target``);
+* ``magnitude``: one-shot global magnitude pruning + fine-tuning with the same
+  total budget: dense for ``E − F`` epochs, prune, fine-tune ``F = E/3``;
+* ``gradual``: gradual global magnitude pruning, cubic schedule over the first
+  2/3 of the steps, masks recomputed every 10 steps (Zhu & Gupta 2017);
+* ``pat_target``: torchao's PAT with its global sparsity constraint, cubic
+  ``min_sparsity_schedule`` and healing over the last 1/3 (``run_pat_target``);
+  left out where torchao is not installed.
+
+``dense`` (``E`` epochs) is the reference. Metric: test accuracy (the copy
+language: per-token accuracy and cross-entropy on the copied half). The runs
+go to two worker processes with one thread each. Sized to finish in about 25
+minutes on 2 cores: fewer epochs than the models need to converge (the
+numbers compare methods at one budget; they are not the models' best). The
+CNN trains 10 epochs (batch 100, ~12k weights, 3x32 channels), the LSTM 8
+(hidden 64, MNIST-1D read as 10 patches of 4 values, batch 100), the
+transformer 3 (d_model 64, 2 layers, 4 heads, d_ff 128; 2,048 training
+sentences of the copy language with 8 tokens to copy, batch 64).
+
+Writes ``benchmarks/results/architectures.json`` (not with ``--quick``).
+Run ``python benchmarks/architectures.py [--quick]`` or
+``sparsecraft bench --suite architectures``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsecraft import datasets, experiments
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "architectures.json"
+
+MODELS = {
+    "cnn": {"data": "mnist1d", "epochs": 10, "batch_size": 100, "lr": {"sgd": 0.05, "adamw": 3e-3}},
+    "lstm": {"data": "mnist1d", "epochs": 8, "batch_size": 100, "lr": {"sgd": 0.3, "adamw": 1e-2}},
+    "transformer": {
+        "data": "copy",
+        "data_kw": {"n_train": 2048, "n_test": 512},
+        "epochs": 3,
+        "batch_size": 64,
+        "lr": {"sgd": 0.1, "adamw": 3e-3},
+    },
+}
+FULL = {
+    "seeds": (0, 1, 2),
+    "targets": (0.5, 0.9, 0.95, 0.98),
+    "optimizers": ("sgd", "adamw"),
+    "models": MODELS,
+    "workers": 2,
+}
+QUICK = {
+    "seeds": (0,),
+    "targets": (0.9,),
+    "optimizers": ("sgd", "adamw"),
+    "models": {
+        name: {**spec, "epochs": 1, "data_kw": {**spec.get("data_kw", {}), "n_train": 256}}
+        if name == "transformer"
+        else {**spec, "epochs": 1}
+        for name, spec in MODELS.items()
+    },
+    "workers": 2,
+}
+METHODS = ("target", "magnitude", "gradual", "pat_target")
+
+
+def _load(spec: dict[str, Any]) -> datasets.Split:
+    return datasets.load(spec["data"], **spec.get("data_kw", {}))
+
+
+def _rows(results: list[experiments.RunResult], data: datasets.Split) -> list[dict[str, Any]]:
+    """JSON rows of a worker's results, with the test loss (cross-entropy) of each model."""
+    rows = []
+    for r in results:
+        row = {
+            k: v for k, v in r.row().items() if isinstance(v, (int, float, str, bool, type(None)))
+        }
+        row["test_loss"] = experiments.evaluate_loss(r.model, data)
+        rows.append(row)
+    return rows
+
+
+def _jobs(cfg: dict[str, Any], pat: bool) -> list[tuple[str, str, list, int, dict]]:
+    """``(label, data name, plan, seed, common)`` for ``experiments.compare``."""
+    jobs = []
+    for model, spec in cfg["models"].items():
+        epochs = spec["epochs"]
+        finetune = max(1, epochs // 3)
+        for optimizer in cfg["optimizers"]:
+            common = {
+                "model": model,
+                "optimizer": optimizer,
+                "lr": spec["lr"][optimizer],
+                "batch_size": spec["batch_size"],
+                "epochs": epochs,
+            }
+            for seed in cfg["seeds"]:
+                # One job per method keeps the jobs of similar length; magnitude's four
+                # targets share one dense training of E − F epochs (compare caches it).
+                plans = [[("dense", {})]]
+                plans.append(
+                    [
+                        (
+                            "magnitude",
+                            {
+                                "sparsity": t,
+                                "epochs": max(1, epochs - finetune),
+                                "finetune_epochs": finetune,
+                            },
+                        )
+                        for t in cfg["targets"]
+                    ]
+                )
+                for method in METHODS[:-1] if not pat else METHODS:
+                    if method == "magnitude":
+                        continue
+                    knob = "target" if method in ("target", "pat_target") else "sparsity"
+                    plans += [[(method, {knob: t})] for t in cfg["targets"]]
+                for plan in plans:
+                    label = f"{model}/{optimizer}/seed {seed}: {plan[0][0]}"
+                    jobs.append((label, spec["data"], plan, seed, common))
+    # Seed by seed (a run cut short still has every model and method), the longest first.
+    cost = {"lstm": 3, "cnn": 2, "transformer": 1}
+    jobs.sort(key=lambda j: (j[3], -cost.get(j[4]["model"], 1) * len(j[2])))
+    return jobs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _summary(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (model, optimizer, target): each method's mean accuracy (and loss) over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        target = r.get("target")
+        groups.setdefault((r["model"], r["optimizer"], r["method"], target), []).append(r)
+    table = []
+    for model in cfg["models"]:
+        for optimizer in cfg["optimizers"]:
+            for target in cfg["targets"]:
+                # "zeros": the requested fraction ("target" is the method of that name)
+                row: dict[str, Any] = {"model": model, "optimizer": optimizer, "zeros": target}
+                for method in ("dense", *METHODS):
+                    key = (model, optimizer, method, None if method == "dense" else target)
+                    rs = groups.get(key, [])
+                    if not rs:
+                        continue
+                    row[method], row[f"{method}_std"] = _mean_std([r["accuracy"] for r in rs])
+                    row[f"{method}_sparsity"] = statistics.fmean(r["sparsity"] for r in rs)
+                    if model == "transformer":
+                        row[f"{method}_loss"] = statistics.fmean(r["test_loss"] for r in rs)
+                rivals = [row[m] for m in ("magnitude", "gradual") if m in row]
+                if "target" in row and rivals:
+                    row["target_minus_best_magnitude"] = row["target"] - max(rivals)
+                table.append(row)
+    return table
+
+
+def _compact(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The console table: accuracy % per method (mean of seeds)."""
+    out = []
+    for r in table:
+        row = {"model": r["model"], "opt": r["optimizer"], "zeros": f"{100 * r['zeros']:g} %"}
+        for m in ("dense", *METHODS):
+            row[m] = f"{100 * r[m]:.1f}" if m in r else "-"
+        out.append(row)
+    return out
+
+
+def _markdown(table: list[dict[str, Any]]) -> str:
+    """The docs/benchmarks.md table: accuracy % (mean of seeds), loss for the transformer."""
+    cols = ["dense", *METHODS]
+    lines = [
+        "| model | opt | zeros | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    for r in table:
+        cells = []
+        for c in cols:
+            if c not in r:
+                cells.append("—")
+                continue
+            cell = f"{100 * r[c]:.1f}"
+            if f"{c}_loss" in r:
+                cell += f" ({r[f'{c}_loss']:.2f})"
+            best = max(r.get(m, -1.0) for m in METHODS)
+            cells.append(f"**{cell}**" if c != "dense" and r[c] == best else cell)
+        lines.append(
+            f"| {r['model']} | {r['optimizer']} | {100 * r['zeros']:g} % | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def run(quick: bool = False) -> dict:
+    """Runs the suite, writes ``results/architectures.json``; returns all of it."""
+    cfg = QUICK if quick else FULL
+    t0 = time.perf_counter()
+    pat = experiments.pat_available()
+    jobs = _jobs(cfg, pat)
+    splits = {spec["data"]: _load(spec) for spec in cfg["models"].values()}
+    rows: list[dict[str, Any]] = []
+    out: dict[str, Any] = {}
+    # Library functions only cross the process boundary (this file is not importable by
+    # name in a worker); fork after torch has started threads can hang, so spawn.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        cfg["workers"], mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        futures = {
+            pool.submit(experiments.compare, splits[name], plan, (seed,), **common): (label, name)
+            for label, name, plan, seed, common in jobs
+        }
+        for i, done in enumerate(as_completed(futures), 1):
+            label, name = futures[done]
+            rows += _rows(done.result(), splits[name])
+            print(f"[{i}/{len(jobs)}] {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            out = _results(rows, cfg, quick, pat, t0)
+            if not quick:  # a smoke run never replaces the results of a real one
+                _write(out)  # after every job: a run stopped early keeps what it measured
+    return out
+
+
+def _write(out: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    tmp.replace(RESULTS)
+
+
+def _expected_runs(cfg: dict[str, Any], pat: bool) -> int:
+    methods = len(METHODS) if pat else len(METHODS) - 1
+    per_seed = 1 + methods * len(cfg["targets"])
+    return len(cfg["models"]) * len(cfg["optimizers"]) * len(cfg["seeds"]) * per_seed
+
+
+def _results(
+    rows: list[dict[str, Any]], cfg: dict[str, Any], quick: bool, pat: bool, t0: float
+) -> dict[str, Any]:
+    table = _summary(rows, cfg)
+    return {
+        "suite": "architectures",
+        "quick": quick,
+        "complete": len(rows) == _expected_runs(cfg, pat),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "workers": cfg["workers"],
+            "torch_threads_per_worker": 1,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "settings": {k: v for k, v in cfg.items()},
+        "pat": pat,
+        "summary": _compact(table),
+        "table": table,
+        "markdown": _markdown(table),
+        "runs": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    result = run(quick=parser.parse_args().quick)
+    print(result["markdown"])
+    print(f"{result['seconds']:.0f} s")
