@@ -94,7 +94,8 @@ def fsdp_regularizer(model: nn.Module, kind: str) -> sc.Regularizer:
 
 def make_optimizer(model: nn.Module, reg: sc.Regularizer, kind: str) -> ProximalOptimizer:
     if kind == "sgd":
-        return ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), reg)
+        return ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), reg,
+                                 mode="forward_backward")
     if kind == "adam":
         return ProximalOptimizer(torch.optim.Adam(model.parameters(), lr=2e-2), reg, floor=0.1)
     if kind == "latent":
@@ -108,8 +109,10 @@ def make_controller(opt: ProximalOptimizer, measure: str):
 
     if measure == "groups":  # FSDP: groups split over shards
         groups = [t for t in opt.regularizer.terms if t.where in ("0.weight", "2.weight", "4.weight")]
-        return TargetSparsity(opt, target=0.5, end_step=STEPS, every=1, terms=groups, measure="groups")
-    return TargetSparsity(opt, target=0.7, end_step=STEPS, every=1)
+        return TargetSparsity(opt, target=0.5, end_step=STEPS, every=1, terms=groups, measure="groups",
+                              hold="track")
+    # hold="track": finalize() afterwards is what these tests compare (latent: both ways)
+    return TargetSparsity(opt, target=0.7, end_step=STEPS, every=1, hold="track")
 
 
 def train(model: nn.Module, reg: sc.Regularizer, opt: ProximalOptimizer, *, rank: int, world: int,
@@ -136,6 +139,71 @@ def train(model: nn.Module, reg: sc.Regularizer, opt: ProximalOptimizer, *, rank
             value /= world
         losses.append(float(value))
     return losses
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+# finalize() scenarios: (name, optimizer kind, measure, target given to finalize()). Latent
+# mode solves for the multiplier (here reviving zeros); forward-backward ranks the smallest
+# magnitudes (elements) or group norms (groups) over the shards.
+FINAL = [("fsdp_final_latent", "latent", "elements", 0.6), ("fsdp_final_fb", "sgd", "elements", 0.95),
+         ("fsdp_final_groups", "sgd", "groups", 0.8)]
+
+
+def finalize_run(model: nn.Module, kind: str, measure: str, target: float, rank: int, world: int):
+    reg = fsdp_regularizer(model, kind)
+    opt = make_optimizer(model, reg, kind)
+    ctrl = make_controller(opt, measure)
+    train(model, reg, opt, rank=rank, world=world, ctrl=ctrl)
+    ctrl.target = target
+    fin = ctrl.finalize()
+    return {"state": full_state(model), "fin": fin, "scales": [t.scale for t in reg.terms]}
+
+
+def control_checks(rank: int, mesh) -> dict[str, object]:
+    """TargetSparsity's rank safety: logging on one rank, differing settings, ranks out of step."""
+    from sparsecraft.control import TargetSparsity
+
+    out: dict[str, object] = {}
+    # measured() and record() on rank 0 only: no collective, so the next one still pairs up.
+    model = shard(make_model(), mesh)
+    reg = fsdp_regularizer(model, "sgd")
+    opt = make_optimizer(model, reg, "sgd")
+    ctrl = make_controller(opt, "elements")
+    train(model, reg, opt, rank=rank, world=WORLD, ctrl=ctrl)
+    out["logged"] = [ctrl.measured(), ctrl.record()["measured"]] if rank == 0 else []
+    out["now"] = ctrl.measure_now()
+    # Another every and another strength on rank 1: refused on both ranks at construction.
+    model = make_model()
+    reg = sc.Regularizer(model)
+    reg.add_weight("0.weight", sc.L1(0.1 * (1 + rank)))
+    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    try:
+        TargetSparsity(opt, target=0.5, end_step=10, every=1 + rank)
+        out["mismatch"] = None
+    except ValueError as err:
+        out["mismatch"] = str(err)
+    # Rank 1 resumes from another step: the next update raises on both ranks.
+    reg = sc.Regularizer(model)
+    reg.add_weight("0.weight", sc.L1(0.1))
+    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    ctrl = TargetSparsity(opt, target=0.5, end_step=10, every=1)
+    state = ctrl.state_dict()
+    state["step"] += 3 * rank
+    ctrl.load_state_dict(state)
+    try:
+        ctrl.step()
+        out["out_of_step"] = None
+    except RuntimeError as err:
+        out["out_of_step"] = str(err)
+    return out
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -197,6 +265,10 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                 "reg_value": float(reg.value()),
                 "scales": [t.scale for t in reg.terms],
             }
+        for name, kind, measure, target in FINAL:
+            model = shard(make_model(), mesh)
+            results[name] = finalize_run(model, kind, measure, target, rank, world)
+        results["control"] = control_checks(rank, mesh)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -336,6 +408,8 @@ def test_helpers_are_no_ops_without_a_process_group():
         model[0].weight[:3] = 0
     assert scd.count_zeros(list(model.parameters())).tolist() == list(count_zeros(list(model.parameters())))
     assert report_rows(scd.sparsity(model)) == report_rows(local_sparsity(model))
+    assert scd.gather_rows(torch.tensor([3, 4])).tolist() == [[3, 4]]
+    scd.check_same({"every": 1}, "settings")  # nothing to compare with
 
 
 def test_helpers_reject_wrong_inputs():
@@ -347,6 +421,8 @@ def test_helpers_reject_wrong_inputs():
         scd.count_zeros([torch.zeros(2), "x"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="tol"):
         scd.count_zeros(torch.zeros(2), tol=-1.0)
+    with pytest.raises(TypeError, match="1-D tensor"):
+        scd.gather_rows(torch.zeros(2, 2))
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -385,6 +461,48 @@ def test_fsdp_counts_and_report_are_global(ranks, name, kind):
         assert got["all_reduce_counts"] == [zeros, numel]
         assert got["report"] == report_rows(local_sparsity(model, tol=1e-3))
     assert zeros > 0
+
+
+@pytest.mark.parametrize("name,kind,measure,target", FINAL)
+def test_finalize_under_fsdp_matches_one_process(ranks, name, kind, measure, target):
+    """finalize() counts and ranks over all shards: the zeros and the multiplier of one process."""
+    want = finalize_run(make_model(), kind, measure, target, rank=0, world=1)
+    for r in range(WORLD):
+        got = ranks[r][name]
+        assert got["fin"]["after"] == want["fin"]["after"] == pytest.approx(target, abs=0.02)
+        assert got["fin"]["scale_after"] == pytest.approx(want["fin"]["scale_after"], rel=1e-6)
+        assert got["fin"]["zeroed"] == want["fin"]["zeroed"]
+        assert got["fin"]["revived"] == want["fin"]["revived"]
+        assert got["fin"]["latent"] == want["fin"]["latent"] == float(kind == "latent")
+        assert got["scales"] == pytest.approx(want["scales"], rel=1e-6)
+        assert_close_states(got["state"], want["state"])
+        for n, w in want["state"].items():
+            assert torch.equal(got["state"][n] == 0, w == 0), n
+    moved = want["fin"]["revived"] if kind == "latent" else want["fin"]["zeroed"]
+    assert moved > 0  # finalize had work to do
+
+
+def test_controller_logging_never_communicates(ranks):
+    # rank 0 called measured() and record() alone; measure_now() on both still paired up
+    logged, now = ranks[0]["control"]["logged"], ranks[0]["control"]["now"]
+    assert ranks[1]["control"]["now"] == now
+    model, reg, _ = single("sgd", fsdp_regularizer, target="elements")
+    params = [t.target for t in reg.terms if t.where in ("0.weight", "0.bias", "2.weight", "4.weight")]
+    zeros, numel = count_zeros(params)
+    assert logged == [pytest.approx(zeros / numel)] * 2 and now == pytest.approx(zeros / numel)
+
+
+def test_controller_settings_that_differ_between_ranks_raise_on_every_rank(ranks):
+    for r in range(WORLD):
+        msg = ranks[r]["control"]["mismatch"]
+        assert msg is not None and "rank 1 differs from rank 0" in msg
+        assert "'every'" in msg and "'strengths'" in msg and "'target'" not in msg
+
+
+def test_controller_ranks_out_of_step_raise_on_every_rank(ranks):
+    for r in range(WORLD):
+        msg = ranks[r]["control"]["out_of_step"]
+        assert msg is not None and "rank 1 at step 4, rank 0 at step 1" in msg
 
 
 # ----------------------------------------------------------------------------- the example

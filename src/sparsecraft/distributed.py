@@ -22,6 +22,7 @@ is not initialised, so the same script runs on one process.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,7 +37,15 @@ from .metrics._counts import _check_tol, _zero_mask
 from .metrics._report import _named_tensors, _select
 from .penalties import GroupLasso, Penalty, SparseGroupLasso
 
-__all__ = ["all_reduce_counts", "count_zeros", "group_norms", "sparsity", "sync_activity"]
+__all__ = [
+    "all_reduce_counts",
+    "check_same",
+    "count_zeros",
+    "gather_rows",
+    "group_norms",
+    "sparsity",
+    "sync_activity",
+]
 
 
 def _initialized() -> bool:
@@ -116,6 +125,70 @@ def count_zeros(tensors: Tensor | Iterable[Tensor], tol: float = 0.0, group: Any
     for t in replicated:
         counts += _counts(t, tol).to(device)
     return counts
+
+
+def gather_rows(values: Tensor, group: Any = None) -> Tensor:
+    """Every rank's ``values`` (a 1-D int64 tensor of one length on all ranks), stacked by rank.
+
+    One ``all_gather`` when distributed (every rank must call it); ``values[None]``
+    otherwise. The result is on the backend's communication device.
+
+    Args:
+        values: this rank's row.
+        group: the process group.
+
+    Returns:
+        A ``[world_size, len(values)]`` tensor; row ``r`` is rank ``r``'s ``values``.
+    """
+    if not isinstance(values, Tensor) or values.ndim != 1:
+        raise TypeError(f"Expected a 1-D tensor. Received: values={values!r}")
+    if not _initialized():
+        return values[None].clone()
+    row = values.to(_comm_device(group))
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    return torch.stack(rows)
+
+
+def _fingerprint(value: Any) -> int:
+    """A 63-bit hash of ``repr(value)`` that is the same in every process (``hash()`` is salted)."""
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def check_same(fields: Mapping[str, Any], what: str, group: Any = None) -> None:
+    """Raise on every rank unless every rank passes equal ``fields`` (compared by ``repr``).
+
+    One small ``all_gather`` of one 63-bit hash per field: call it where every
+    rank builds the object, before its first collective, so that ranks
+    configured differently fail at once with a message instead of diverging
+    or waiting for the process group's timeout. A no-op when not distributed.
+
+    Args:
+        fields: name -> value; every rank must pass the same names in the same order.
+        what: what is being checked, for the message (e.g. ``"TargetSparsity settings"``).
+        group: the process group.
+
+    Raises:
+        ValueError: on every rank, naming the first rank that differs from rank 0
+            and the fields that differ.
+    """
+    if not _initialized():
+        return
+    names = list(fields)
+    # The field names are hashed too: ranks that pass other names differ in the first entry.
+    local = torch.tensor([_fingerprint(names)] + [_fingerprint(fields[n]) for n in names],
+                         dtype=torch.int64)
+    rows = gather_rows(local, group).cpu()
+    for rank in range(1, rows.shape[0]):
+        differ = [names[i - 1] if i else "field names" for i in range(rows.shape[1])
+                  if rows[rank, i] != rows[0, i]]
+        if differ:
+            mine = dist.get_rank(group)
+            raise ValueError(
+                f"Expected the same {what} on every rank. Received: rank {rank} differs from rank 0 "
+                f"in {differ} (this is rank {mine}); build it with the same arguments on every rank"
+            )
 
 
 def _counts(t: Tensor, tol: float) -> Tensor:

@@ -60,11 +60,15 @@ def _percent(decimals: int = 0) -> FuncFormatter:
 def _sparsity_axis(ax: Any, values: Sequence[float]) -> None:
     """Logit axis when sparsity goes past 90 % (99 % and 99.9 % then stand apart), else linear."""
     finite = [v for v in values if v is not None and not math.isnan(v)]
-    if finite and max(finite) > 0.9:
+    # A logit axis needs a value strictly inside (0, 1): a run with every weight zero has none.
+    if finite and max(finite) > 0.9 and any(0 < v < 1 for v in finite):
         ax.set_yscale("logit", nonpositive="clip")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{100 * v:g} %"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
         lo = max(min(v for v in finite if v > 0) if any(v > 0 for v in finite) else 0.01, 0.01)
+        # At most 90 %: with every value at 100 % (all weights zero) the lower limit would
+        # be logit(1) = inf and matplotlib's tick locator overflows.
+        lo = min(lo, 0.9)
         ax.set_ylim(lo, 1 - 0.5 * (1 - max(finite)) if max(finite) < 1 else 0.9999)
     else:
         ax.yaxis.set_major_formatter(_percent())

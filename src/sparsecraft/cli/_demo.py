@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._out import discard_out, prepare_out
 from ._present import RunProgress, _console, _markdown_table, _pct, _print_table
 
 METHOD_NOTES = {
@@ -96,11 +97,20 @@ def _export_note(summary: dict[str, Any]) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .. import datasets, experiments
-
     console = _console()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Checked before the minute of training; report.md marks an earlier demo's folder.
+    created = prepare_out(out, ["report.md"], args.overwrite)
+    try:
+        return _demo_into(args, out, console)
+    except BaseException:
+        discard_out(out, created)
+        raise
+
+
+def _demo_into(args: argparse.Namespace, out: Path, console: Any) -> int:
+    from .. import datasets, experiments
+
     t_start = time.perf_counter()
 
     console.rule("[bold]1. The reference case: L1(0.1) on a tensor, a kernel and an activity")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -82,12 +83,32 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _threads(text: str) -> int:
+    # torch.set_num_threads(100000) crashes the process (segfault), so the count is bounded.
+    most = os.cpu_count() or 1
+    value = _positive_int(text)
+    if value > most:
+        raise argparse.ArgumentTypeError(
+            f"expected a thread count from 1 to {most} (the CPUs of this machine), received {text!r}"
+        )
+    return value
+
+
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_threads,
         default=1,
-        help="torch threads (default 1: the small models here train fastest on one)",
+        help="torch threads, at most the CPU count (default 1: the small models here train "
+        "fastest on one)",
+    )
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (refused without it)",
     )
 
 
@@ -105,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--quick", action="store_true", help="a much smaller run (seconds), for tests"
     )
+    _add_overwrite(demo)
     _add_threads(demo)
     demo.set_defaults(func=_demo)
 
@@ -138,11 +160,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--apply",
         choices=("prox", "loss"),
-        default="prox",
-        help="prox (exact zeros, default) or loss (Keras style)",
+        default=None,
+        help="how --penalty is minimised: prox (exact zeros, default) or loss (Keras style)",
     )
     tr.add_argument(
-        "--mode", choices=("latent", "forward_backward", "auto"), default="latent", help="prox mode"
+        "--mode",
+        choices=("latent", "forward_backward", "auto"),
+        default=None,
+        help="prox mode of --penalty (default latent)",
     )
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="sgd")
     tr.add_argument("--lr", type=_positive_float, default=None)
@@ -151,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--out", default="sparsecraft-train", help="folder for the model, report and metrics"
     )
+    _add_overwrite(tr)
     _add_threads(tr)
     tr.set_defaults(func=_train)
 
@@ -166,7 +192,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sparsecraft`` command; returns the exit code."""
+    """Entry point of the ``sparsecraft`` command; returns the exit code.
+
+    Every error is one line on stderr, never a traceback. Exit codes: 0 done;
+    2 bad arguments, an ``--out`` that cannot be used (a file, not writable,
+    earlier results without ``--overwrite``) or a setting the library refuses
+    (``ValueError``, ``TypeError``); 1 a run that failed (training diverged:
+    ``FloatingPointError``; a file could not be written: ``OSError``), with
+    nothing saved; 130 interrupted.
+    """
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -180,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
         print(f"sparsecraft {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (FloatingPointError, OSError) as err:
+        # A run that diverged or could not write its files: it failed, not its arguments.
+        print(f"sparsecraft {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sparsecraft {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,21 +5,58 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
+from ._out import discard_out, prepare_out
 from ._present import RunProgress, _console, _markdown_table, _pct, _print_table
+
+# What a run writes into --out: an earlier run's copies are replaced only with --overwrite.
+TRAIN_FILES = [
+    "model.pt",
+    "model.safetensors",
+    "metrics.json",
+    "report.md",
+    "training.png",
+    "layer_density.png",
+    "magnitudes.png",
+]
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would change nothing (a dense model trained while asking for sparsity)."""
+    given = [f"--{k} {getattr(args, k)}" for k in ("apply", "mode") if getattr(args, k) is not None]
+    if given and args.penalty is None and args.target is None:
+        raise ValueError(
+            f"Expected a weight penalty for {' and '.join(given)}. Received: no --penalty (and no "
+            "--target), so the model would train dense; add e.g. --penalty l1:1e-3"
+        )
+    if args.apply == "loss" and args.mode is not None:
+        raise ValueError(
+            f"Expected --mode only with --apply prox (it is the prox's mode). Received: --apply loss "
+            f"--mode {args.mode}"
+        )
 
 
 def _train(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    out = Path(args.out)
+    created = prepare_out(out, TRAIN_FILES, args.overwrite)
+    try:
+        return _train_into(args, out)
+    except BaseException:
+        discard_out(out, created)  # a failed run leaves no empty folder behind
+        raise
+
+
+def _train_into(args: argparse.Namespace, out: Path) -> int:
     import torch
 
     from .. import datasets, experiments
 
     console = _console()
     data = datasets.load(args.data)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with RunProgress() as progress:
         progress.start(f"train {args.data}", args.seed, args.epochs)
         r = experiments.run_spec(
@@ -29,10 +66,10 @@ def _train(args: argparse.Namespace) -> int:
             penalty=args.penalty,
             activity=args.activity,
             target=args.target,
-            apply=args.apply,
+            apply=args.apply or "prox",
             optimizer=args.optimizer,
             lr=args.lr,
-            mode=args.mode,
+            mode=args.mode or "latent",
             epochs=args.epochs,
             seed=args.seed,
             on_epoch=progress.epoch,
@@ -80,6 +117,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reruns ``args``, quoted for a POSIX shell, as the parser reads it back.
+
+    Tuples are written as the parser takes them (``--hidden 32,16``), true
+    switches as the bare flag; options left unset are left out.
+    """
+    words = ["sparsecraft", args.command]
+    for key, value in vars(args).items():
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (tuple, list)):
+            words += [flag, ",".join(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -107,15 +164,10 @@ def _write_train_report(
     out: Path, args: argparse.Namespace, r: Any, rows: list[list[str]], saved: list[str]
 ) -> None:
     figures = _train_figures(out, r)
-    flags = [
-        f"--{k} {v}"
-        for k, v in vars(args).items()
-        if k not in ("func", "command") and v not in (None, False)
-    ]
     lines = [
         "# sparsecraft train",
         "",
-        f"`sparsecraft train {' '.join(flags)}`",
+        f"`{command_line(args)}`",
         "",
         _markdown_table(["", "value"], rows),
         "",

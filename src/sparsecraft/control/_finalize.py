@@ -2,77 +2,42 @@
 
 :class:`FinalSelection` holds the controller's counting of units (elements
 or groups) and its :meth:`~FinalSelection.finalize`: the λ path on the
-latent copies in latent mode, the smallest magnitudes elsewhere.
+latent copies in latent mode, the smallest magnitudes elsewhere. Counts and
+the ranking are global (:mod:`._select`): under FSDP2 every rank makes the
+choice one process holding the whole model would make.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .. import functional as F
-from ..optim import ProximalOptimizer
-from ..regularizer import Term
+from .. import distributed as _dist
+from ._density import _LOG_BOUND, DensityFloor
+from ._select import Units, check_placements, count, element_units, kth_smallest, sizes, smallest
 
-# log(scale) is kept within ±_LOG_BOUND of its start: far enough for any real
-# strength, near enough that a target the terms cannot reach stops growing it.
-_LOG_BOUND = math.log(1e8)
+__all__ = ["FinalSelection"]
 
 
-class FinalSelection:
-    """The final-selection part of :class:`~sparsecraft.control.TargetSparsity` (a base class).
+class FinalSelection(DensityFloor):
+    """The final-selection part of :class:`~sparsecraft.control.TargetSparsity` (a base class)."""
 
-    It reads the controller's state (declared below) and moves its multiplier
-    through ``_log_scale`` and ``_apply_scale``.
-    """
-
-    terms: list[Term]
-    measure: str
     target: float
-    scale: float
-    _params: list[Tensor]
-    _optimizer: ProximalOptimizer | None
-    _base_scales: list[float]
-    _log_scale: float
-    _apply_scale: Callable[[], None]
 
-    def _units(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """What is counted, per controlled tensor: magnitudes (elements) or group norms (groups)."""
+    def _units_of(self, tensors: Sequence[Tensor]) -> list[Units]:
+        """What is counted, per owner: magnitudes (elements) or global group norms (groups)."""
         if self.measure == "elements":
-            return [t.detach().abs().flatten() for t in tensors]
-        out = []
-        for term, t in zip(self.terms, tensors, strict=True):
-            lay = term.penalty.layout(t)
-            out.append(F.group_norms(t.detach(), lay.dim, lay.index, lay.n_groups))
-        return out
+            return element_units(tensors)
+        return [Units(_dist.group_norms(t.penalty, x).flatten(), False)
+                for t, x in zip(self.terms, tensors, strict=True)]
 
-    def _owners(self) -> list[Tensor]:
-        return self._params if self.measure == "elements" else [t.target for t in self.terms]
-
-    def _latent_view(self) -> list[tuple[Term, Tensor, float, float]] | None:
-        """(term, latent copy, accumulated step γ, group scale) per term in latent mode, else None."""
-        opt = self._optimizer
-        if opt is None or opt.mode != "latent" or opt.support_frozen:
-            return None
-        # ProximalOptimizer keeps the latent copies and γ privately; they are read, never written.
-        latent, gamma = opt._latent, opt._gamma
-        group_scale = {id(p): float(g.get("penalty_scale", 1.0)) for g in opt.param_groups for p in g["params"]}
-        view = []
-        for t in self.terms:
-            if t.target not in latent or gamma.get(t.target, 0.0) <= 0:
-                return None
-            view.append((t, latent[t.target], gamma[t.target], group_scale.get(id(t.target), 1.0)))
-        return view
-
-    def _latent_zeros(self, view, m: float) -> tuple[int, list[Tensor]]:
-        # What the optimizer would show at this strength (the prox, or its relaxed form).
-        show = self._optimizer._latent_display
-        values = [show(term, z, gamma * base * m * gs)
-                  for (term, z, gamma, gs), base in zip(view, self._base_scales, strict=True)]
-        return sum(int((u == 0).sum()) for u in self._units(values)), values
+    def _latent_zeros(self, view, log_m: float) -> tuple[int, list[Tensor]]:
+        values = self._latent_values(view, log_m)
+        units = self._units_of(values)
+        return count(units, [u.values == 0 for u in units]), values
 
     @torch.no_grad()
     def finalize(self) -> dict[str, float]:
@@ -87,22 +52,30 @@ class FinalSelection:
         Elsewhere (forward–backward mode), or for what ties leave over, the
         smallest non-zero magnitudes over all controlled parameters are set to
         zero (one global ranking; with ``measure="groups"`` the smallest-norm
-        groups); zeros above the target are then left as they are. Call it
-        once training is over.
+        groups); zeros above the target are then left as they are. No tensor
+        goes below ``min_density`` (a term's strength is capped in latent mode,
+        its largest units are kept in the ranking), so the target may be missed
+        from below (``"short"``). Under ``torch.distributed`` every rank must
+        call it; counts and the ranking are over all ranks (FSDP2 shards
+        included), so every rank picks what one process would. Call it once
+        training is over.
 
         Returns:
             ``{"before", "after", "target", "zeroed", "revived", "largest_zeroed", "excess",
-            "scale_before", "scale_after", "latent"}``: sparsity before and
-            after, elements (or groups) set to zero and brought back, the
-            largest magnitude (or group norm) set to zero, zeros left above the
-            target, the multiplier before and after, and 1.0 if the latent
-            path was used.
+            "short", "scale_before", "scale_after", "latent"}``: sparsity before
+            and after, units set to zero and brought back, the largest magnitude
+            (or group norm) set to zero, zeros above and below the target, the
+            multiplier before and after, and 1.0 if the latent path was used.
+
+        Raises:
+            ValueError: for parameters sharded and replicated at once (HSDP).
         """
         owners = self._owners()
-        before_units = self._units(owners)
-        zero_before = [u == 0 for u in before_units]
-        numel = sum(u.numel() for u in before_units)
-        zeros = sum(int(z.sum()) for z in zero_before)
+        check_placements(owners)
+        before_units = self._units_of(owners)
+        zero_before = [u.values == 0 for u in before_units]
+        numel = sum(sizes(before_units))
+        zeros = count(before_units, zero_before)
         wanted = round(self.target * numel)
         scale_before = self.scale
         result = {"before": zeros / numel, "target": self.target, "scale_before": scale_before, "latent": 0.0}
@@ -115,64 +88,98 @@ class FinalSelection:
                 self._cut_smallest(wanted - zeros)
         if self._optimizer is not None and self._optimizer.support_frozen:
             self._optimizer.freeze_support()  # the frozen support follows the new zeros
-        after_units = self._units(owners)
-        zeroed = [(a == 0) & ~z for a, z in zip(after_units, zero_before, strict=True)]
-        revived = [(a != 0) & z for a, z in zip(after_units, zero_before, strict=True)]
-        removed = [b[m] for b, m in zip(before_units, zeroed, strict=True) if bool(m.any())]
-        zeros_after = sum(int((a == 0).sum()) for a in after_units)
-        result.update(after=zeros_after / numel, zeroed=float(sum(int(m.sum()) for m in zeroed)),
-                      revived=float(sum(int(m.sum()) for m in revived)),
-                      largest_zeroed=float(torch.cat(removed).max()) if removed else 0.0,
-                      excess=float(max(zeros_after - wanted, 0)), scale_after=self.scale)
+        after_units = self._units_of(owners)
+        after_zero = [u.values == 0 for u in after_units]
+        zeroed = [a & ~z for a, z in zip(after_zero, zero_before, strict=True)]
+        revived = [~a & z for a, z in zip(after_zero, zero_before, strict=True)]
+        zeros_after = count(after_units, after_zero)
+        result.update(after=zeros_after / numel, zeroed=float(count(after_units, zeroed)),
+                      revived=float(count(after_units, revived)),
+                      largest_zeroed=_largest(before_units, zeroed),
+                      excess=float(max(zeros_after - wanted, 0)), short=float(max(wanted - zeros_after, 0)),
+                      scale_after=self.scale)
+        self._measured = result["after"]
+        self._check_dead(self._per_owner(after_units, after_zero), sizes(after_units), "finalize()")
         return result
+
+    def _per_owner(self, units: list[Units], masks: list[Tensor]) -> list[int]:
+        return [count([u], [m]) for u, m in zip(units, masks, strict=True)]
 
     def _finalize_latent(self, view, wanted: int) -> int:
         """Set the multiplier whose prox of the latent copies has ``wanted`` zeros (or the most below)."""
+        self._term_caps = self._latent_caps(view, self._log_scale + 2 * _LOG_BOUND)
         lo = hi = self._log_scale
-        count, _ = self._latent_zeros(view, math.exp(lo))
+        count_lo, _ = self._latent_zeros(view, lo)
         # Bracket: [lo, hi] with zeros(lo) < wanted <= zeros(hi); zeros grow with the multiplier.
         step = 1.0
-        while count >= wanted and lo > self._log_scale - 2 * _LOG_BOUND:
+        while count_lo >= wanted and lo > self._log_scale - 2 * _LOG_BOUND:
             lo -= step
             step *= 2
-            count, _ = self._latent_zeros(view, math.exp(lo))
+            count_lo, _ = self._latent_zeros(view, lo)
         step = 1.0
-        count_hi, _ = self._latent_zeros(view, math.exp(hi))
+        count_hi, _ = self._latent_zeros(view, hi)
         while count_hi < wanted and hi < self._log_scale + 2 * _LOG_BOUND:
             hi += step
             step *= 2
-            count_hi, _ = self._latent_zeros(view, math.exp(hi))
+            count_hi, _ = self._latent_zeros(view, hi)
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            c, _ = self._latent_zeros(view, math.exp(mid))
+            c, _ = self._latent_zeros(view, mid)
             if c >= wanted:
                 hi, count_hi = mid, c
             else:
                 lo = mid
         chosen = hi if count_hi == wanted else lo  # a tie that jumps past wanted: stay below, cut the rest
-        count, values = self._latent_zeros(view, math.exp(chosen))
+        zeros, values = self._latent_zeros(view, chosen)
         for (term, *_rest), v in zip(view, values, strict=True):
             term.target.copy_(v)
         self._log_scale = chosen
         self._apply_scale()
-        return count
+        return zeros
 
     def _cut_smallest(self, need: int) -> None:
+        """Zero the ``need`` smallest non-zero units over all ranks, keeping each tensor's minimum."""
         owners = self._owners()
-        values = self._units(owners)
-        flat = torch.cat([v.float().to(values[0].device) for v in values])
-        ranked = torch.where(flat == 0, torch.full_like(flat, math.inf), flat)
-        drop = torch.zeros_like(flat, dtype=torch.bool)
-        drop[torch.topk(ranked, need, largest=False).indices] = True
-        offset = 0
-        for i, (p, v) in enumerate(zip(owners, values, strict=True)):
-            mask = drop[offset: offset + v.numel()].to(p.device)
-            offset += v.numel()
+        units = self._units_of(owners)
+        keep = self._keep(sizes(units))
+        candidates = []
+        for u, k in zip(units, keep, strict=True):
+            v = u.values.double()
+            v = torch.where(v == 0, torch.full_like(v, math.inf), v)
+            if k > 0:  # the k largest non-zero units of this tensor stay
+                nonzero = count([u], [u.values != 0])
+                if nonzero <= k:
+                    v = torch.full_like(v, math.inf)
+                else:
+                    tau = kth_smallest([Units(v, u.sharded)], nonzero - k + 1)
+                    v = torch.where(v >= tau, torch.full_like(v, math.inf), v)
+            candidates.append(Units(v, u.sharded))
+        available = count(candidates, [torch.isfinite(c.values) for c in candidates])
+        masks = smallest(candidates, min(need, available))
+        for i, (p, mask) in enumerate(zip(owners, masks, strict=True)):
+            local = p.to_local() if _dist._is_dtensor(p) else p
             if self.measure == "elements":
-                p.masked_fill_(mask.view_as(p), 0.0)
-            else:
-                lay = self.terms[i].penalty.layout(p)
-                per_slice = mask[lay.index] if lay.index is not None else mask
-                view = [1] * p.ndim
-                view[lay.dim] = -1
-                p.masked_fill_(per_slice.view(view).expand_as(p), 0.0)
+                local.masked_fill_(mask.view(local.shape), 0.0)
+                continue
+            lay = self.terms[i].penalty.layout(p) if not _dist._is_dtensor(p) else _dist._global_layout(
+                self.terms[i].penalty, p)
+            per_slice = mask[lay.index] if lay.index is not None else mask
+            if _dist._is_dtensor(p):  # this rank's slices of the global groups
+                start = _dist._layout(p)[0][lay.dim]
+                per_slice = per_slice[start: start + local.shape[lay.dim]]
+            shape = [1] * local.ndim
+            shape[lay.dim] = -1
+            local.masked_fill_(per_slice.view(shape).expand_as(local), 0.0)
+
+
+def _largest(units: list[Units], masks: list[Tensor]) -> float:
+    """The largest value selected by ``masks`` over all ranks (0.0 when none)."""
+    local = max((float(u.values[m].max()) for u, m in zip(units, masks, strict=True) if bool(m.any())),
+                default=0.0)
+    if any(u.sharded for u in units) and _dist._initialized():
+        import torch.distributed as dist
+
+        t = torch.tensor([local], dtype=torch.float64, device=_dist._comm_device(None))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        local = float(t[0])
+    return local

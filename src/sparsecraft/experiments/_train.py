@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,9 @@ def train(
 
     Raises:
         ValueError: If ``epochs`` or ``batch_size`` is below 1.
+        FloatingPointError: If a batch loss or, at the end of an epoch, a parameter is NaN
+            or infinite (the run diverged). A non-finite loss is caught before its
+            backward and step, so the weights are those of the last finite step.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(
@@ -253,13 +257,20 @@ def train(
             loss = loss_fn(model(data.X_train[idx]), data.y_train[idx])
             if regularizer is not None:
                 loss = loss + regularizer.loss()
+            value = float(loss.detach())  # the one host sync of a step
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"Expected a finite loss. Received: loss={value} at epoch {epoch + 1}, "
+                    f"batch {i // batch_size + 1}; training diverged (lower the learning rate)"
+                )
             loss.backward()
             optimizer.step()
             if controller is not None:
                 controller.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach()) * len(idx)
+            total += value * len(idx)
+        _check_finite(model, epoch)
         sparsity, nonzero = weight_sparsity(model)
         metric, test_loss = _measure(model, data)
         record = {
@@ -276,6 +287,16 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, record)
     return history
+
+
+@torch.no_grad()
+def _check_finite(model: nn.Module, epoch: int) -> None:
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"Expected finite parameters. Received: NaN or infinite values in {bad} after "
+            f"epoch {epoch + 1}; training diverged (lower the learning rate)"
+        )
 
 
 def result(
