@@ -80,13 +80,36 @@ def test_bn_cnn_end_to_end(m1d, tmp_path):
     report = sc.sparsity(net, example_inputs=x)
     assert report.weight_numel == 12000 and 9600 <= report.weight_zeros <= 9960
     assert report.flops is not None and report.flops_structured <= report.flops
-    # A conv channel whose kernel is all zero feeds BatchNorm a constant: compact must remove it
-    # (and fold BN's constant output into the next conv).
+    # A conv channel whose kernel is all zero feeds BatchNorm a constant. Its constant after
+    # BN → ReLU is in general not 0, and the next conv pads with zeros: at the borders it would
+    # read 0 instead of the constant, so folding it into that conv's bias is not exact
+    # (docs/export.md). compact keeps such a channel and says why; outputs stay exact.
     with torch.no_grad():
         net.body[3].weight[5] = 0.0
+    shift = net.body[4].bias[5].item()
+    assert _bn_relu_constant(net, 3, 5) > 0  # what the trained BN makes of it here
+    _, report = sc.compact(net.eval(), x)
+    assert "body.3" not in {c.name for c in report.layers}
+    assert [n for n, r in report.skipped if "zero-padded" in r] == ["body.6"]
+    # When BN's scale is 0 and its shift makes the channel ≤ 0 (ReLU gives exactly 0), as
+    # structured pruning of a BN-CNN channel leaves it (Liu et al. 2017, network slimming),
+    # the constant is 0, folds exactly into the padded conv, and compact removes the channel:
+    # its kernel row and bias in body.3, its BN entries, its input column in body.6.
+    with torch.no_grad():
+        net.body[4].weight[5] = 0.0
+        net.body[4].bias[5] = -abs(shift)
+    assert _bn_relu_constant(net, 3, 5) == 0.0
     report = _export_round_trip(net, x, tmp_path)
     resized = {c.name for c in report.layers}
-    assert "body.3" in resized and report.params_after < report.params_before
+    assert "body.3" in resized and "body.6" in resized
+    assert report.params_before - report.params_after >= 5 + 1 + 2 + 32 * 5
+
+
+def _bn_relu_constant(net, conv: int, channel: int) -> float:
+    """ReLU(BN(bias)) of a conv channel whose kernel is 0, with BN's running statistics."""
+    b, bn = net.body[conv].bias[channel], net.body[conv + 1]
+    z = (b - bn.running_mean[channel]) / torch.sqrt(bn.running_var[channel] + bn.eps)
+    return torch.relu(z * bn.weight[channel] + bn.bias[channel]).item()
 
 
 def test_lstm_end_to_end(m1d, tmp_path):
