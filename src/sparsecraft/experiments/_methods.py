@@ -239,6 +239,7 @@ def run_target(
     ramp_fraction: float = 2 / 3,
     hold: str | None = None,
     freeze_fraction: float | None = None,
+    relaxed: bool | None = None,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -250,7 +251,8 @@ def run_target(
     fixes the zeros and the survivors train without shrinkage for the rest
     (``hold="track"``: it keeps steering the strength). ``mode="auto"`` is the
     library's default: latent prox under the controller, shown relaxed (no
-    shrinkage) for Adam/AdamW. ``lam`` is only the starting strength. With
+    shrinkage) for Adam/AdamW; ``relaxed`` overrides that choice (passed to
+    :class:`~sparsecraft.ProximalOptimizer`). ``lam`` is only the starting strength. With
     ``finalize`` the controller's exact final selection runs at the end (the
     sparsity before it is in the details).
     """
@@ -261,7 +263,8 @@ def run_target(
     net = build_model(data, hidden, seed, model)
     reg = Regularizer(net)
     _penalise_matrices(reg, net, L1(lam))
-    opt = ProximalOptimizer(make_optimizer(optimizer, net.parameters(), lr), reg, mode=mode)
+    opt = ProximalOptimizer(make_optimizer(optimizer, net.parameters(), lr), reg, mode=mode,
+                            relaxed=relaxed)
     end = max(1, round(ramp_fraction * epochs * steps_per_epoch(data, batch_size)))
     total = epochs * steps_per_epoch(data, batch_size)
     freeze = None if freeze_fraction is None else max(end, round(freeze_fraction * total))
@@ -305,6 +308,7 @@ def run_target(
             "seed": seed,
             # only when given: a knob of sweeps (compare/summarize) next to the default
             **({"freeze_fraction": freeze_fraction} if freeze_fraction is not None else {}),
+            **({"relaxed": relaxed} if relaxed is not None else {}),
         },
         details,
     )
