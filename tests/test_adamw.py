@@ -116,9 +116,15 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
     for i, (x, y) in enumerate(batches):
         _step(model, opt, x, y)
         ctrl.step()
-        if i == 2:  # first update: the calibration solved the multiplier on the latent copies
+        if i == 1:  # first update (step 2): the calibration solved the multiplier on the latent copies
             zeros, numel = count_zeros(_weights(model))
             assert abs(zeros - round(ctrl.target_at(2) * numel)) <= 1
+        if i == 2:
+            # The calibration's write is the optimizer's own display, not an outside change: the
+            # latent copies and γ = 3·lr go on (a restart would leave γ = lr and the zeros stuck at
+            # step 2's count while γ's growth follows the ramp: 150 zeros here, the ramp 139).
+            for p in _weights(model):
+                assert opt._gamma[p] == pytest.approx(3e-2) and not torch.equal(opt._latent[p], p)
         if i == 34:
             state = copy.deepcopy((opt.state_dict(), ctrl.state_dict(), list(model.parameters())))
     zeros, numel = count_zeros(_weights(model))

@@ -116,7 +116,7 @@ class EmbeddingLSTM(nn.Module):
 CONTROLLED = ("emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "head.weight")
 
 
-def train_lstm(min_density: float, epochs: int = 8, mode: str = "latent"):
+def train_lstm(min_density: float, epochs: int = 8, mode: str = "latent", hold: str | None = None):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 300, (1024, 8), generator=g)
     y = (x < 20).any(1).long()  # does a "keyword" occur
@@ -126,7 +126,7 @@ def train_lstm(min_density: float, epochs: int = 8, mode: str = "latent"):
     for name in CONTROLLED:
         reg.add_weight(name, sc.L1(1e-3))
     opt = ProximalOptimizer(torch.optim.Adam(net.parameters(), lr=1e-2), reg, mode=mode)
-    ctrl = TargetSparsity(opt, target=0.9, end_step=epochs * 8, every=2, min_density=min_density)
+    ctrl = TargetSparsity(opt, target=0.9, end_step=epochs * 8, every=2, min_density=min_density, hold=hold)
     params = dict(net.named_parameters())
     lowest = {n: 1.0 for n in CONTROLLED}  # the lowest density seen right after an update
     with warnings.catch_warnings(record=True) as caught:
@@ -158,9 +158,12 @@ def test_a_dead_tensor_is_named_once():
 
 
 def test_min_density_keeps_every_tensor_alive_in_step_and_finalize():
-    fin, dead, density, lowest, params, _ = train_lstm(min_density=0.05)
-    assert dead == []
-    assert fin["after"] == 0.9 and fin["latent"] == 1.0  # the target is still exact
+    # The defaults for Adam: relaxed display, hold="freeze" (finalize() at end_step, then fixed zeros).
+    fin, dead, density, lowest, params, ctrl = train_lstm(min_density=0.05)
+    assert dead == []  # counted at every update, `every` steps after the last one set the caps
+    sel = ctrl.final_selection  # the freeze's finalize(): the λ path on the latent copies
+    assert sel is not None and sel["after"] == 0.9 and sel["latent"] == 1.0  # the target is still exact
+    assert fin["after"] == 0.9 and fin["zeroed"] == 0.0  # the frozen zeros stayed exact
     for n in CONTROLLED:
         keep = math.ceil(0.05 * params[n].numel()) / params[n].numel()
         assert density[n] >= keep, n  # after finalize()
@@ -169,10 +172,14 @@ def test_min_density_keeps_every_tensor_alive_in_step_and_finalize():
 
 
 def test_min_density_in_forward_backward_lowers_the_strength_of_a_thin_tensor():
+    # hold="track": here the floor acts through the strength at every update (a thin tensor's
+    # own strength is halved), which runs only while the controller tracks. With the default
+    # hold="freeze" the ramp ends at half of this run and the zeros come from finalize(),
+    # whose per-tensor minimum is test_min_density_in_forward_backward_finalize_keeps_the_largest.
     lstm = ("lstm.weight_ih_l0", "lstm.weight_hh_l0")
-    _, _, free, _, _, _ = train_lstm(min_density=0.0, mode="forward_backward")
+    _, _, free, _, _, _ = train_lstm(min_density=0.0, mode="forward_backward", hold="track")
     assert min(free[n] for n in lstm) < 0.05  # without the floor the LSTM goes below 5 %
-    _, _, density, _, _, ctrl = train_lstm(min_density=0.05, mode="forward_backward")
+    _, _, density, _, _, ctrl = train_lstm(min_density=0.05, mode="forward_backward", hold="track")
     assert all(density[n] >= 0.05 for n in lstm), density
     # Every term started at scale 1: a term below the common multiplier had its own lowered.
     lowered = {t.where for t in ctrl.terms if t.scale < 0.999 * ctrl.scale}
@@ -205,3 +212,33 @@ def test_min_density_in_forward_backward_finalize_keeps_the_largest():
         assert any("0.weight is all zero" in str(w.message) for w in caught) == (floor == 0)
         if small_left:  # the survivors are that tensor's largest magnitudes
             assert torch.equal(left[left != 0].sort().values, small.flatten().sort().values[-5:])
+
+
+def test_finalize_cut_in_latent_mode_keeps_the_latent_copy_and_gamma():
+    # An unused layer has γ = 0, so finalize() cannot take the λ path: it cuts the smallest
+    # magnitudes. The cut is the optimizer's own write: the trained layer's latent copy is cut
+    # with it and γ goes on, so the model still shows prox(latent, γ·λ·m) after the next step
+    # (an outside change would restart the latent copy from the shown weights and γ at 0).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    reg = sc.Regularizer(model)
+    reg.add_weight("*.weight", sc.L1(1e-2))
+    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    ctrl = TargetSparsity(opt, target=0.5, end_step=100, hold="track")
+    used = model[0].weight
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for i in range(4):
+        opt.zero_grad()
+        model[0](x).pow(2).mean().backward()
+        opt.step()
+        if i == 2:
+            before = used.detach().clone()
+            fin = ctrl.finalize()
+            assert fin["latent"] == 0.0 and fin["after"] == 0.5
+            cut = (used == 0) & (before != 0)
+            assert 0 < int(cut.sum()) < used.numel()
+            assert torch.equal(opt._latent[used][cut], torch.zeros(int(cut.sum())))
+    assert opt._gamma[used] == pytest.approx(0.4)
+    z, step = opt._latent[used], opt._gamma[used] * 1e-2 * reg.terms[0].scale
+    soft = torch.sign(z) * (z.abs() - step).clamp_min(0)  # the L1 prox, written out
+    assert torch.equal(used.detach(), soft)

@@ -42,6 +42,7 @@ class DensityFloor:
     terms: list[Term]
     measure: str
     min_density: float
+    every: int
     scale: float
     _params: list[Tensor]
     _optimizer: ProximalOptimizer | None
@@ -93,8 +94,13 @@ class DensityFloor:
                 )
 
     # -- latent mode -----------------------------------------------------------------------
-    def _latent_view(self) -> list[tuple[Term, Tensor, float, float]] | None:
-        """(term, latent copy, accumulated step γ, group scale) per term in latent mode, else None."""
+    def _latent_view(self, ahead: int = 0) -> list[tuple[Term, Tensor, float, float]] | None:
+        """(term, latent copy, accumulated step γ, group scale) per term in latent mode, else None.
+
+        Args:
+            ahead: steps to look ahead: γ is taken as it will be after that many more
+                steps at the group's current ``lr`` (the latent copies as they are now).
+        """
         opt = self._optimizer
         if opt is None or opt.mode != "latent" or opt.support_frozen:
             return None  # a frozen support (hold="freeze") is no longer the prox of the latent
@@ -103,11 +109,13 @@ class DensityFloor:
         # ProximalOptimizer keeps the latent copies and γ privately; they are read, never written.
         latent, gamma = opt._latent, opt._gamma
         group_scale = {id(p): float(g.get("penalty_scale", 1.0)) for g in opt.param_groups for p in g["params"]}
+        lr = {id(p): float(g["lr"]) for g in opt.param_groups for p in g["params"]} if ahead else {}
         view = []
         for t in self.terms:
             if t.target not in latent or gamma.get(t.target, 0.0) <= 0:
                 return None
-            view.append((t, latent[t.target], gamma[t.target], group_scale.get(id(t.target), 1.0)))
+            step = gamma[t.target] + ahead * lr.get(id(t.target), 0.0)
+            view.append((t, latent[t.target], step, group_scale.get(id(t.target), 1.0)))
         return view
 
     def _effective(self, i: int, log_m: float) -> float:
@@ -185,7 +193,12 @@ class DensityFloor:
             return
         view = self._latent_view()
         if view is not None:
-            self._term_caps = self._latent_caps(view, self._log_scale)
+            # The caps must hold until the next update, not only now: γ grows by lr at every
+            # step (dual averaging), so the shown threshold γ·λ·m grows with a fixed m. A cap
+            # solved at today's γ sits exactly at the minimum's last unit, and the next step
+            # cut it (head.weight of the Embedding+LSTM test went all zero two steps after an
+            # update). Solved at the γ of the next update, it keeps the minimum there too.
+            self._term_caps = self._latent_caps(self._latent_view(ahead=self.every), self._log_scale)
             # The weights now are what the prox shows at the new strengths (as the next step
             # would with a zero gradient), so every tensor holds its minimum from this update on.
             for i, (entry, base) in enumerate(zip(view, self._base_scales, strict=True)):

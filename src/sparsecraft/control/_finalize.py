@@ -159,17 +159,21 @@ class FinalSelection(DensityFloor):
         for i, (p, mask) in enumerate(zip(owners, masks, strict=True)):
             local = p.to_local() if _dist._is_dtensor(p) else p
             if self.measure == "elements":
-                local.masked_fill_(mask.view(local.shape), 0.0)
-                continue
-            lay = self.terms[i].penalty.layout(p) if not _dist._is_dtensor(p) else _dist._global_layout(
-                self.terms[i].penalty, p)
-            per_slice = mask[lay.index] if lay.index is not None else mask
-            if _dist._is_dtensor(p):  # this rank's slices of the global groups
-                start = _dist._layout(p)[0][lay.dim]
-                per_slice = per_slice[start: start + local.shape[lay.dim]]
-            shape = [1] * local.ndim
-            shape[lay.dim] = -1
-            local.masked_fill_(per_slice.view(shape).expand_as(local), 0.0)
+                cut = mask.view(local.shape)
+            else:
+                lay = self.terms[i].penalty.layout(p) if not _dist._is_dtensor(p) else _dist._global_layout(
+                    self.terms[i].penalty, p)
+                per_slice = mask[lay.index] if lay.index is not None else mask
+                if _dist._is_dtensor(p):  # this rank's slices of the global groups
+                    start = _dist._layout(p)[0][lay.dim]
+                    per_slice = per_slice[start: start + local.shape[lay.dim]]
+                shape = [1] * local.ndim
+                shape[lay.dim] = -1
+                cut = per_slice.view(shape).expand_as(local)
+            if self._optimizer is not None:  # latent mode: the latent copy is cut with it
+                self._optimizer._cut(p, cut)
+            else:
+                local.masked_fill_(cut, 0.0)
 
 
 def _largest(units: list[Units], masks: list[Tensor]) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from ..regularizer import Regularizer, Term
 from ._prox_step import _ProxStep
 from ._rules import _BUILTIN_RULES, _lr, _penalty_scale, _rule_for
@@ -275,6 +276,21 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
         recorded here tells the next step that the optimizer's own side wrote the weights.
         """
         p.copy_(value)
+        if p in self._versions:
+            self._versions[p] = p._version
+
+    @torch.no_grad()
+    def _cut(self, p: Tensor, mask: Tensor) -> None:
+        """Set the weights of ``p`` to zero where ``mask`` (a controller's final cut; local shards).
+
+        Latent mode: the latent copy is zeroed there too (``prox(0) = 0`` under every
+        penalty, relaxed or not), so what the model shows stays the prox of the latent
+        copy at the accumulated ``γ``, and the version recorded here keeps the next step
+        from taking the cut for an outside change (which would restart ``z`` and ``γ``).
+        """
+        z = self._latent.get(p)
+        for x in (p,) if z is None else (p, z):
+            (x.to_local() if _dist._is_dtensor(x) else x).masked_fill_(mask, 0.0)
         if p in self._versions:
             self._versions[p] = p._version
 
