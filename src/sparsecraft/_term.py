@@ -75,7 +75,7 @@ class Term:
             for v in self.captured[1:]:
                 total = total + v
             return self.scale * total
-        # A sharded (FSDP2) parameter is summed over shards or gathered: see distributed.py.
+        # A sharded (FSDP2) parameter is summed over shards or gathered: see distributed/_dtensor.py.
         return self.scale * _dist.penalty_value(self.penalty, self.target)
 
     def _capture(self, outputs: list[tuple[Tensor, int | None]]) -> None:

@@ -127,3 +127,65 @@ def _floats(name: str, values: Any, n: int, low: float = -math.inf, high: float 
                          f"Received: {got}")
     return [None if v is None and allow_none else finite(f"{name}[{i}]", v, low, high)
             for i, v in enumerate(values)]
+
+
+class ControllerState:
+    """Checkpoints of :class:`~sparsecraft.control.TargetSparsity` (a base class).
+
+    It reads and writes the settings and the memory (``_step``, ``_log_scale``,
+    ``_gain``, ...) that :class:`TargetSparsity` keeps, then calls its ``_apply_scale``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step count, multiplier, controller memory and settings."""
+        return {
+            "step": self._step,
+            "log_scale": self._log_scale,
+            "last_error": self._last_error,
+            "gain_now": self._gain,
+            "trend": self._drift,
+            "measured": self._measured,
+            "target_now": self._target_now,
+            "saturated": self._saturated,
+            "base_scales": list(self._base_scales),
+            "term_caps": list(self._term_caps),
+            "term_offsets": list(self._term_offsets),
+            "config": {"target": self.target, "start_step": self.start_step, "end_step": self.end_step,
+                       "initial": self.initial, "measure": self.measure, "every": self.every,
+                       "gain": self.gain, "drift": self.drift, "min_density": self.min_density,
+                       "hold": self.hold, "freeze_step": self.freeze_step,
+                       "ramp": self.ramp if isinstance(self.ramp, str) else "callable"},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the controlled terms get their scales back.
+
+        Every field is checked with the constructor's rules first; then all are
+        loaded, or none (the controller is unchanged when it raises).
+
+        Raises:
+            ValueError: missing or unknown keys, a value the constructor would refuse
+                (``target=7``, ``every=0``, ``log_scale=nan``, ...), another
+                ``measure``, or a state for another number of terms.
+        """
+        new = check_state(state_dict, len(self.terms), self.measure, callable(self.ramp))
+        self.target, self.start_step, self.end_step = new["target"], new["start_step"], new["end_step"]
+        self.initial, self.every = new["initial"], new["every"]
+        self.gain, self.drift = new["gain"], new["drift"]
+        self.min_density = new.get("min_density", self.min_density)
+        self.hold = new.get("hold", self.hold)
+        self.freeze_step = new.get("freeze_step", self.freeze_step)
+        if "ramp" in new:
+            self.ramp = new["ramp"]
+        self._step = new["step"]
+        self._log_scale = new["log_scale"]
+        self._last_error = new["last_error"]
+        self._gain = new["gain_now"]
+        self._drift = new["trend"]
+        self._measured = new["measured"]
+        self._target_now = new["target_now"]
+        self._saturated = new["saturated"]
+        self._base_scales = new["base_scales"]
+        self._term_caps = new["term_caps"]
+        self._term_offsets = new["term_offsets"]
+        self._apply_scale()
