@@ -24,8 +24,9 @@ test: setup
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -q -n 0 --confcutdir=tests/keras_native tests/keras_native
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -n 0 --confcutdir=tests/keras_native tests/keras_native
 
+# --overwrite: `make demo` reruns the same demo into the same folder.
 demo: setup
-	$(BIN)/sparsecraft demo
+	$(BIN)/sparsecraft demo --overwrite
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
