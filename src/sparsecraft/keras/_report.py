@@ -9,33 +9,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from .._records import ParamRecord
 from .._table import rich_table, text_table
 from .regularizers import ProximalRegularizer
 
 __all__ = ["SparsityReport", "Explanation", "sparsity", "explain"]
-
-
-@dataclass(frozen=True)
-class ParamRecord:
-    """Zero counts of one variable (the torch library's record: dims 0 and 1 for rows/columns)."""
-
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    zeros: int
-    near_zeros: int
-    density: float
-    zero_rows: int | None
-    zero_cols: int | None
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "numel": self.numel, "zeros": self.zeros,
-                "near_zeros": self.near_zeros, "density": self.density, "sparsity": self.sparsity,
-                "zero_rows": self.zero_rows, "zero_cols": self.zero_cols}
 
 
 @dataclass(frozen=True)
