@@ -223,7 +223,7 @@ def test_finalize_cut_in_latent_mode_keeps_the_latent_copy_and_gamma():
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     reg = sc.Regularizer(model)
     reg.add_weight("*.weight", sc.L1(1e-2))
-    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    opt = ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), reg, relaxed=False)
     ctrl = TargetSparsity(opt, target=0.5, end_step=100, hold="track")
     used = model[0].weight
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))

@@ -105,8 +105,12 @@ class FinalSelection(DensityFloor):
     def _per_owner(self, units: list[Units], masks: list[Tensor]) -> list[int]:
         return [count([u], [m]) for u, m in zip(units, masks, strict=True)]
 
-    def _finalize_latent(self, view, wanted: int) -> int:
-        """Set the multiplier whose prox of the latent copies has ``wanted`` zeros (or the most below)."""
+    def _finalize_latent(self, view, wanted: int, slack: int = 0) -> int:
+        """Set the multiplier whose prox of the latent copies has ``wanted`` zeros (or the most below).
+
+        ``slack``: stop as soon as the count is within that many units of ``wanted``
+        (the controller's tracking; :meth:`finalize` asks for the exact count).
+        """
         self._term_caps = self._latent_caps(view, self._log_scale + 2 * _LOG_BOUND)
         lo = hi = self._log_scale
         count_lo, _ = self._latent_zeros(view, lo)
@@ -122,14 +126,19 @@ class FinalSelection(DensityFloor):
             hi += step
             step *= 2
             count_hi, _ = self._latent_zeros(view, hi)
+        chosen = None
         for _ in range(60):
+            if slack and abs(count_hi - wanted) <= slack:
+                chosen = hi  # tracking: close enough (the final selection bisects to the end)
+                break
             mid = 0.5 * (lo + hi)
             c, _ = self._latent_zeros(view, mid)
             if c >= wanted:
                 hi, count_hi = mid, c
             else:
                 lo = mid
-        chosen = hi if count_hi == wanted else lo  # a tie that jumps past wanted: stay below, cut the rest
+        if chosen is None:  # a tie that jumps past wanted: stay below, cut the rest
+            chosen = hi if abs(count_hi - wanted) <= slack else lo
         zeros, values = self._latent_zeros(view, chosen)
         for (term, *_rest), v in zip(view, values, strict=True):
             self._optimizer._display(term.target, v)
