@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
+from ..penalties import L1, L1L2
 from ._density import _LOG_BOUND, DensityFloor
 from ._select import Units, check_placements, count, element_units, kth_smallest, sizes, smallest
 
@@ -38,6 +39,28 @@ class FinalSelection(DensityFloor):
         values = self._latent_values(view, log_m)
         units = self._units_of(values)
         return count(units, [u.values == 0 for u in units]), values
+
+    def _zero_counter(self, view):
+        """``log_m ↦`` zeros of the latent prox at multiplier ``exp(log_m)`` (for the bisections).
+
+        L1 and L1L2 elements: the prox is zero exactly where ``|z| ≤ step·l1``, so the
+        magnitudes are taken once and each count is one comparison per tensor (no copy
+        of the weights, no prox; the controller bisects at every update). Other
+        penalties and groups: the prox itself, as :meth:`finalize` shows it.
+        """
+        if self.measure != "elements" or not all(type(e[0].penalty) in (L1, L1L2) for e in view):
+            return lambda log_m: self._latent_zeros(view, log_m)[0]
+        units = element_units([entry[1] for entry in view])
+
+        def zeros_at(log_m: float) -> int:
+            masks = []
+            for i, ((term, _z, gamma, gs), base, u) in enumerate(
+                    zip(view, self._base_scales, units, strict=True)):
+                threshold = gamma * base * math.exp(self._effective(i, log_m)) * gs * term.penalty.l1
+                masks.append(u.values <= threshold)
+            return count(units, masks)
+
+        return zeros_at
 
     @torch.no_grad()
     def finalize(self) -> dict[str, float]:
@@ -112,27 +135,28 @@ class FinalSelection(DensityFloor):
         (the controller's tracking; :meth:`finalize` asks for the exact count).
         """
         self._term_caps = self._latent_caps(view, self._log_scale + 2 * _LOG_BOUND)
+        zeros_at = self._zero_counter(view)
         lo = hi = self._log_scale
-        count_lo, _ = self._latent_zeros(view, lo)
+        count_lo = zeros_at(lo)
         # Bracket: [lo, hi] with zeros(lo) < wanted <= zeros(hi); zeros grow with the multiplier.
         step = 1.0
         while count_lo >= wanted and lo > self._log_scale - 2 * _LOG_BOUND:
             lo -= step
             step *= 2
-            count_lo, _ = self._latent_zeros(view, lo)
+            count_lo = zeros_at(lo)
         step = 1.0
-        count_hi, _ = self._latent_zeros(view, hi)
+        count_hi = zeros_at(hi)
         while count_hi < wanted and hi < self._log_scale + 2 * _LOG_BOUND:
             hi += step
             step *= 2
-            count_hi, _ = self._latent_zeros(view, hi)
+            count_hi = zeros_at(hi)
         chosen = None
         for _ in range(60):
             if slack and abs(count_hi - wanted) <= slack:
                 chosen = hi  # tracking: close enough (the final selection bisects to the end)
                 break
             mid = 0.5 * (lo + hi)
-            c, _ = self._latent_zeros(view, mid)
+            c = zeros_at(mid)
             if c >= wanted:
                 hi, count_hi = mid, c
             else:
