@@ -128,7 +128,7 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
         ctrl.step()
         if i == 1:  # first update (step 2): the multiplier is solved on the latent copies
             zeros, numel = count_zeros(_weights(model))
-            wanted = round(ctrl.target_at(2) * numel)
+            wanted = round(ctrl.target_at(1) * numel)  # the ramp one step earlier (as PAT)
             assert abs(zeros - wanted) <= 0.01 * (numel - wanted)  # within 1 % of the non-zeros
         if i == 2:
             # The controller's write is the optimizer's own display, not an outside change: the

@@ -180,7 +180,10 @@ def test_min_density_in_forward_backward_lowers_the_strength_of_a_thin_tensor():
     _, _, free, _, _, _ = train_lstm(min_density=0.0, mode="forward_backward", hold="track")
     assert min(free[n] for n in lstm) < 0.05  # without the floor the LSTM goes below 5 %
     _, _, density, _, _, ctrl = train_lstm(min_density=0.05, mode="forward_backward", hold="track")
-    assert all(density[n] >= 0.05 for n in lstm), density
+    # Forward-backward has no latent copy to bring zeros back: the floor acts through the
+    # strength (halved while below, ×1.1 while above), so a tensor oscillates around its
+    # minimum instead of holding it exactly (the latent mode caps the strength exactly).
+    assert all(density[n] >= 0.9 * 0.05 and density[n] > free[n] for n in lstm), (density, free)
     # Every term started at scale 1: a term below the common multiplier had its own lowered.
     lowered = {t.where for t in ctrl.terms if t.scale < 0.999 * ctrl.scale}
     assert lowered and lowered <= set(lstm), lowered

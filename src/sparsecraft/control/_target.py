@@ -33,9 +33,27 @@ class TargetSparsity(ControllerState, FinalSelection):
     groups of their group penalties (``measure="groups"``). Only those
     parameters count: biases or layers without a controlled term do not.
 
-    How: every ``every`` steps it compares the measured density ``d = 1 −
-    sparsity`` with the ramp's density ``d* = 1 − s_t`` and moves the common
-    strength multiplier ``m`` of the terms in log space::
+    How: every ``every`` steps it asks for the ramp's sparsity ``s_t`` (the
+    value one step earlier, as torchao PAT's schedule: the first update asks
+    for ``initial``; ``target`` from ``end_step`` on) and moves the common
+    strength multiplier ``m`` of the terms. Each term's
+    :attr:`~sparsecraft.Term.scale` is its initial scale times ``m``; the prox
+    uses step·scale, so a larger ``m`` makes more zeros. Before ``start_step``
+    the terms keep their initial strength; after ``end_step`` the target is
+    held (or the zeros frozen, ``hold``).
+
+    Latent mode (a ProximalOptimizer, whose ``mode="auto"`` switches to it when
+    the controller is built): the dense latent copies give the sparsity at any
+    strength without a step, so every update *solves* ``m`` (bisection in log
+    space) to within 1 % of the non-zeros ``s_t`` leaves, and shows the model
+    that prox. Measured against the feedback law below (docs/optim.md):
+    the same or better on digits, the BN-CNN and the LSTM, and no lag on
+    short runs (a 3-epoch transformer with AdamW at 95 %: 66.4 % vs 38.3 %).
+
+    Forward–backward mode, or a Regularizer: weights that cross zero flicker
+    in and out of the count and there is no latent copy to solve on, so it
+    compares the measured density ``d = 1 − sparsity`` with the ramp's
+    ``d* = 1 − s_t`` and moves ``m`` by feedback, in log space::
 
         e = log(d / d*)                 clipped to [−1, 1]
         v ← c·v + drift·k·e             (the trend of log m, clipped to ±0.5)
@@ -46,21 +64,11 @@ class TargetSparsity(ControllerState, FinalSelection):
     (down to ``gain/5``) and grows by 5 % while it keeps it: how strongly
     sparsity answers to the strength differs by an order of magnitude between
     models and sparsity levels. ``v`` follows the slow trend the strength must
-    have to hold a sparsity while training goes on (in latent mode a weight is
-    zero roughly while its mean gradient is below ``λ·m``, and that mean drifts);
-    without it the controller lags behind the trend. ``c`` is 0.99, or 0.5 when
-    the error disagrees with the trend (the trend overshot).
-    Each term's :attr:`~sparsecraft.Term.scale` is its initial scale times
-    ``m``; the prox uses step·scale, so a larger ``m`` makes more zeros.
-    Before ``start_step`` the terms keep their initial strength; after
-    ``end_step`` the target is held.
-
-    Prox modes: in ``"latent"`` mode the zeros are recomputed from a dense
-    latent copy at every step, so sparsity answers to ``m`` at once and the
-    controller lands on the target within a few elements (docs/control.md). In
-    ``"forward_backward"`` mode weights that cross zero flicker in and out of
-    the count, so the measured sparsity is noisy and the final value is only
-    near the target; :meth:`finalize` then makes it exact from below.
+    have to hold a sparsity while training goes on; without it the
+    controller lags behind the trend. ``c`` is 0.99, or 0.5 when the error
+    disagrees with the trend (the trend overshot). The measured sparsity is
+    noisy and the final value only near the target; :meth:`finalize` then
+    makes it exact from below.
 
     Args:
         optimizer_or_regularizer: a :class:`~sparsecraft.ProximalOptimizer`,
@@ -79,8 +87,8 @@ class TargetSparsity(ControllerState, FinalSelection):
         initial: the sparsity the ramp starts from (default 0).
         every: measure and update every this many steps (one host sync each);
             default: about 200 updates over the ramp.
-        gain: initial gain ``k`` per update on the log multiplier (> 0).
-        drift: gain of the trend term relative to ``k`` (0 turns it off).
+        gain: initial gain ``k`` per update on the log multiplier (> 0; feedback law only).
+        drift: gain of the trend term relative to ``k`` (0 turns it off; feedback law only).
         hold: what happens once the ramp reaches ``target`` at ``end_step``.
             ``"freeze"`` (default with a ProximalOptimizer): :meth:`finalize`
             makes the sparsity exact, then the optimizer's zero pattern is
@@ -95,7 +103,10 @@ class TargetSparsity(ControllerState, FinalSelection):
         min_density: the share of non-zero units every controlled tensor keeps,
             in [0, 1) (``ceil(min_density · units)``; default 0: off). A
             global target may otherwise empty a whole tensor, and with it a
-            layer (a warning says so, once per tensor, either way).
+            layer (a warning says so, once per tensor, either way). Exact in
+            latent mode (the strength is capped); in forward–backward mode a
+            tensor's own strength is halved while it is below its minimum, so it
+            hovers around it (measured: 4.9 % for a 5 % minimum).
 
     A ProximalOptimizer built with the default ``mode="auto"`` switches to the
     latent mode when the controller is built (the controlled path that measured
@@ -297,6 +308,19 @@ class TargetSparsity(ControllerState, FinalSelection):
         progress = (step - self.start_step) / (self.end_step - self.start_step)
         return self.initial + (self.target - self.initial) * ramp_fraction(self.ramp, progress)
 
+    def _aim(self, step: int) -> float:
+        """The sparsity an update after optimizer step ``step`` asks for: the ramp's value one step
+        earlier, and ``target`` from ``end_step`` on.
+
+        As torchao PAT's schedule: the update after the first step (one step of training)
+        asks for the ramp at ``start_step``, not already for its steepest first increment
+        (pruning by the initial magnitudes). Measured on the transformer with AdamW, 6
+        seeds: 95.3 % at 90 % zeros against 83.3 % (PAT 95.8 %), 55.9 % against 50.4 %
+        at 95 %; within noise on digits (7 seeds: 97.59 % vs 97.65 % at 99 %) and on
+        the BN-CNN (4 seeds), docs/optim.md.
+        """
+        return self.target_at(step if step >= self.end_step else step - 1)
+
     @property
     def scale(self) -> float:
         """The multiplier applied to every controlled term's initial scale."""
@@ -329,7 +353,7 @@ class TargetSparsity(ControllerState, FinalSelection):
             return
         if t < self.start_step or ((t - self.start_step) % self.every and t != self.end_step):
             return
-        target_now = self.target_at(t)
+        target_now = self._aim(t)
         view = self._latent_view() if target_now > 0 else None
         if view is not None:
             self._track(view, target_now)
@@ -416,7 +440,7 @@ class TargetSparsity(ControllerState, FinalSelection):
     def record(self) -> dict[str, float]:
         """The state for a per-epoch history: target now, :meth:`measured`, multiplier. Never communicates."""
         return {
-            "target_now": self.target_at(self._step),
+            "target_now": self._aim(self._step),
             "measured": self.measured(),
             "scale": self.scale,
             "saturated": float(self._saturated),
