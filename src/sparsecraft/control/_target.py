@@ -85,8 +85,9 @@ class TargetSparsity(ControllerState, FinalSelection):
             default: every prox term whose penalty makes zeros.
         measure: ``"elements"`` or ``"groups"`` (group penalties only).
         initial: the sparsity the ramp starts from (default 0).
-        every: measure and update every this many steps (one host sync each);
-            default: about 200 updates over the ramp.
+        every: measure and update every this many steps (default: about 200
+            updates over the ramp); an update is one host sync with the feedback
+            law, about ten counts of the latent copies in latent mode.
         gain: initial gain ``k`` per update on the log multiplier (> 0; feedback law only).
         drift: gain of the trend term relative to ``k`` (0 turns it off; feedback law only).
         hold: what happens once the ramp reaches ``target`` at ``end_step``.
