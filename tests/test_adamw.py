@@ -59,7 +59,14 @@ def test_auto_is_forward_backward_until_a_controller_steers_it():
     assert auto.mode == "latent" and auto.relaxed  # adaptive optimizer: relaxed display
     _, _, sgd = _setup(torch.optim.SGD, lr=0.1)
     TargetSparsity(sgd, target=0.5, end_step=10)
-    assert sgd.mode == "latent" and sgd.relaxed  # SGD on a model without BatchNorm: relaxed too
+    assert sgd.mode == "latent" and not sgd.relaxed  # SGD on an MLP keeps the prox (soft threshold)
+    torch.manual_seed(0)
+    seq = nn.ModuleDict({"emb": nn.Embedding(10, 8), "rnn": nn.LSTM(8, 8, batch_first=True)})
+    reg = sc.Regularizer(seq)
+    reg.add_weight("rnn.weight_hh_l0", sc.L1(1e-2))
+    sgd_seq = ProximalOptimizer(torch.optim.SGD(seq.parameters(), lr=0.1), reg)
+    TargetSparsity(sgd_seq, target=0.5, end_step=10)
+    assert sgd_seq.relaxed  # SGD on a sequence model (recurrence, embeddings): relaxed
     torch.manual_seed(0)
     bn = nn.Sequential(nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
     reg = sc.Regularizer(bn)

@@ -34,7 +34,9 @@ def find_proximal_optimizer(model: keras.Model) -> ProximalOptimizer:
 class TargetSparsity(keras.callbacks.Callback):
     """Moves the strength of the prox terms so that sparsity follows a ramp to ``target``.
 
-    The torch library's controller law (``sparsecraft.TargetSparsity``), run
+    The torch library's feedback law (``sparsecraft.TargetSparsity`` in
+    forward–backward mode; in latent mode the torch controller now solves the
+    multiplier at every update on the host, which this callback does not), run
     inside the train step by the model's
     :class:`~sparsecraft.keras.optimizers.ProximalOptimizer` (no host sync per
     step, also under ``jit_compile``). It measures the fraction of exact zeros
