@@ -352,7 +352,7 @@ def test_path_bad_input(data):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_latent_mode_solves_the_ramp_at_every_update(data, optimizer):
     # In latent mode every update sets the multiplier from the latent copies: the count is the
-    # ramp's within 1 % of the non-zeros it leaves, from the first update on (a feedback loop
+    # ramp's within 1 % of the non-zeros it leaves (and 0.05 point), from the first update on (a feedback loop
     # lagged there: 2.7 % zeros where the ramp asked 25.7 %, docs/optim.md).
     torch.manual_seed(0)
     model = mlp(64, (64,), 10)
@@ -371,7 +371,7 @@ def test_latent_mode_solves_the_ramp_at_every_update(data, optimizer):
     assert len(ctrl.history) == 20
     for h in ctrl.history:
         zeros, wanted = h["measured"] * numel, round(h["target_now"] * numel)
-        assert wanted - 0.5 <= zeros <= wanted + 0.01 * (numel - wanted) + 0.5, h
+        assert wanted - 0.5 <= zeros <= wanted + min(0.01 * (numel - wanted), 0.0005 * numel) + 0.5, h
     assert ctrl.finalize()["after"] * numel == round(0.95 * numel)
 
 
