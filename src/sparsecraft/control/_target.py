@@ -347,8 +347,14 @@ class TargetSparsity(ControllerState, FinalSelection):
         if self._optimizer is not None and self._optimizer.support_frozen:
             return  # hold="freeze" after end_step: the zeros are fixed, nothing to steer
         if t == self.freeze_step and self.hold == "freeze":
-            # Exact count, then a fixed support: the survivors train without shrinkage (and
+            # The controller's last update first (latent mode: the strength solved for the
+            # target, so final_selection["before"] says where the controller landed, not the
+            # drift of γ since the previous update: 0.25 point at 50 % on digits), then the
+            # exact count and a fixed support: the survivors train without shrinkage (and
             # BatchNorm's running statistics follow one network, not a changing one).
+            view = self._latent_view()
+            if view is not None:
+                self._track(view, self._aim(t))
             self.final_selection = self.finalize()
             self._optimizer.freeze_support()
             return
