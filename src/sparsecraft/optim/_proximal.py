@@ -63,7 +63,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
             emptied the transformer's position embedding (about 21 % accuracy
             at 90 % zeros against 100 % relaxed) and cost the LSTM 5 points;
             but on the digits MLP it is 1–2 points better at 99.7–99.8 %, and
-            on the BN-CNN relaxed collapses (14.5 % against 56.4 % at 98 %: weights
+            on the BN-CNN relaxed collapses (14.5 % against 57.5 % at 98 %: weights
             feeding BatchNorm are scale-invariant, grow without bound when not
             shrunk, and a global threshold then empties the layers that grew
             least).
