@@ -1,7 +1,9 @@
 """The sparsity controller's law in ``keras.ops``, run inside the train step.
 
-The same law as the torch library's ``TargetSparsity.step``
-(src/sparsecraft/control/_target.py): every ``every`` steps the measured
+The torch library's feedback law (``StrengthLaw._feedback`` in
+src/sparsecraft/control/_law.py, which the torch ``TargetSparsity`` uses in
+forward–backward mode; its latent mode solves the multiplier on the host
+instead): every ``every`` steps the measured
 density ``d`` is compared with the ramp's ``d*`` and the log multiplier of the
 zero-making prox terms moves by ``k·e + v`` with ``e = clip(log(d/d*), ±1)``;
 the gain ``k`` shrinks by 0.7 on a sign change of ``e`` (down to ``gain/5``)
