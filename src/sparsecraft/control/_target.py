@@ -45,9 +45,10 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
     the controller is built): the dense latent copies give the sparsity at any
     strength without a step, so every update *solves* ``m`` (bisection in log
     space) to within 1 % of the non-zeros ``s_t`` leaves (at most 0.05 point of
-    sparsity), and shows the model that prox. Measured against the feedback law below (docs/optim.md):
-    the same or better on digits, the BN-CNN and the LSTM, and no lag on
-    short runs (a 3-epoch transformer with AdamW at 95 %: 66.4 % vs 38.3 %).
+    sparsity), and shows the model that prox. Measured against the feedback
+    law below (docs/optim.md): the same or better on digits, the BN-CNN and
+    the LSTM, and no lag on short runs (a 3-epoch transformer with AdamW at
+    95 %: 66.4 % vs 38.3 %).
 
     Forward–backward mode, or a Regularizer: weights that cross zero flicker
     in and out of the count and there is no latent copy to solve on, so it
