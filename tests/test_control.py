@@ -390,3 +390,23 @@ def test_the_bisection_counts_zeros_as_the_prox_shows_them(penalty):
     zeros_at = ctrl._zero_counter(view)
     for log_m in (-3.0, 0.0, 1.5, 3.0, 6.0):
         assert zeros_at(log_m) == ctrl._latent_zeros(view, log_m)[0]
+
+
+def test_an_update_asks_for_the_ramp_one_step_earlier(data):
+    # As torchao PAT's schedule: the update after the first step asks for the ramp at
+    # start_step (nothing pruned by the initial magnitudes), the one after step t for
+    # target_at(t - 1), and from end_step on for the target itself.
+    model, reg, opt = small_setup(mode="auto")
+    ctrl = TargetSparsity(opt, target=0.8, end_step=6, every=1, hold="track")
+    x, y = data.X_train[:64], data.y_train[:64]
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ctrl.step()
+    asked = [h["target_now"] for h in ctrl.history]
+    assert asked == pytest.approx([0.0] + [ctrl.target_at(t - 1) for t in range(2, 6)] + [0.8, 0.8, 0.8])
+    assert ctrl.target_at(1) > 0.3  # what the update after step 1 would have asked for before
+    numel = sum(t.target.numel() for t in ctrl.terms)
+    for h in ctrl.history[1:]:  # solved on the latent copies: the count is the one asked for
+        assert abs(h["measured"] - h["target_now"]) <= 0.0005 + 0.5 / numel, h
