@@ -143,7 +143,7 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
             # step 2's count while γ's growth follows the ramp: 150 zeros here, the ramp 139).
             for p in _weights(model):
                 assert opt._gamma[p] == pytest.approx(3e-2) and not torch.equal(opt._latent[p], p)
-        if i == 34:
+        if i == 41:  # after the default freeze at step 30 + 0.35·30 = 40
             state = copy.deepcopy((opt.state_dict(), ctrl.state_dict(), list(model.parameters())))
     zeros, numel = count_zeros(_weights(model))
     assert opt.support_frozen and zeros == round(0.8 * numel)
@@ -158,7 +158,7 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
         for p, v in zip(m2.parameters(), state[2], strict=True):
             p.copy_(v)
     assert o2.support_frozen and o2.mode == "latent"
-    for x, y in batches[35:]:
+    for x, y in batches[42:]:
         _step(m2, o2, x, y)
         c2.step()
     for a, b in zip(model.parameters(), m2.parameters(), strict=True):
@@ -167,7 +167,7 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
 
 def test_finalize_after_the_freeze_moves_the_frozen_support_with_it():
     model, _, opt = _setup()
-    ctrl = TargetSparsity(opt, target=0.6, end_step=10)
+    ctrl = TargetSparsity(opt, target=0.6, end_step=10, freeze_step=10)
     batches = _batches(14)
     for x, y in batches[:12]:
         _step(model, opt, x, y)
@@ -193,6 +193,31 @@ def test_hold_and_freeze_step_are_checked():
     with pytest.raises(TypeError, match="relaxed"):
         _setup(relaxed="yes")
     assert TargetSparsity(reg, target=0.5, end_step=10).hold == "track"
+
+
+def test_default_freeze_holds_the_target_for_a_third_of_the_ramp_except_with_batchnorm():
+    # Measured default (docs/optim.md, third round): the zeros are fixed at end + 0.35·(end - start),
+    # at the ramp's end on a model with BatchNorm; an explicit freeze_step wins.
+    _, _, opt = _setup()
+    ctrl = TargetSparsity(opt, target=0.5, end_step=100, start_step=20)
+    assert ctrl.freeze_step == 128
+    assert TargetSparsity(_setup()[2], target=0.5, end_step=100, freeze_step=100).freeze_step == 100
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    reg = sc.Regularizer(bn)
+    reg.add_weight((nn.Linear, "weight"), sc.L1(1e-2))
+    bn_opt = ProximalOptimizer(torch.optim.SGD(bn.parameters(), lr=0.1), reg)
+    assert TargetSparsity(bn_opt, target=0.5, end_step=100, start_step=20).freeze_step == 100
+    # Between end_step and the freeze the target is held with the prox on; then the zeros are fixed.
+    model, _, opt = _setup()
+    ctrl = TargetSparsity(opt, target=0.6, end_step=10, every=1)
+    for i, (x, y) in enumerate(_batches(16)):
+        _step(model, opt, x, y)
+        ctrl.step()
+        assert opt.support_frozen == (i + 1 >= 14)
+        if i + 1 >= 10:
+            zeros, numel = count_zeros(_weights(model))
+            assert abs(zeros / numel - 0.6) <= 0.0005 + 1 / numel
 
 
 def test_plain_adamw_path_reaches_99_percent_within_one_point_of_dense():

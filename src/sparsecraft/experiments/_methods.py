@@ -248,8 +248,11 @@ def run_target(
 
     The controller ramps sparsity from 0 to ``target`` (cubic) over the first
     ``ramp_fraction`` of the steps; by default (``hold="freeze"``) it then
-    fixes the zeros and the survivors train without shrinkage for the rest
-    (``hold="track"``: it keeps steering the strength). ``mode="auto"`` is the
+    holds the target, fixes the zeros at the controller's default freeze step
+    (0.9 of the run with the default ramp; the ramp's end on a model with
+    BatchNorm) or at ``freeze_fraction`` of the run, and the survivors train
+    without shrinkage for the rest (``hold="track"``: it keeps steering the
+    strength). ``mode="auto"`` is the
     library's default: latent prox under the controller, shown relaxed (no
     shrinkage) for Adam/AdamW; ``relaxed`` overrides that choice (passed to
     :class:`~sparsecraft.ProximalOptimizer`). ``lam`` is only the starting strength. With

@@ -388,6 +388,9 @@ def _unshrunk_sequence_model(model: torch.nn.Module | None) -> bool:
     """
     if model is None:
         return False
-    modules = list(model.modules())
-    return any(isinstance(m, _SEQUENCE) for m in modules) and not any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in modules)
+    return any(isinstance(m, _SEQUENCE) for m in model.modules()) and not has_batchnorm(model)
+
+
+def has_batchnorm(model: torch.nn.Module | None) -> bool:
+    """Whether ``model`` holds a BatchNorm layer (the controller's defaults depend on it)."""
+    return model is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
