@@ -420,3 +420,38 @@ def test_monitor_does_not_synchronise_during_forward(monkeypatch):
     monkeypatch.undo()
     assert mon.stats()["1"]["samples"] == 6
     assert not math.isnan(mon.stats()["1"]["zero_fraction"])
+
+
+def _projection_flops(counter, suffix):
+    """FlopCounterMode's matrix products (the projections) inside the module named ``…suffix``."""
+    rows = [ops for name, ops in counter.get_flop_counts().items() if name.endswith(suffix)]
+    return sum(n for ops in rows for op, n in ops.items() if str(op) in ("aten.mm", "aten.addmm"))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_flops_count_attention_projections_as_pytorch_counts_them(batch_first):
+    # nn.MultiheadAttention applies its weights functionally: no Linear hook sees them. The
+    # oracle is PyTorch's FlopCounterMode (its mm/addmm inside the attention module).
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first).eval()
+    cross = nn.MultiheadAttention(16, 2, kdim=6, vdim=10, batch_first=True).eval()
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            layer(x)
+            cross(torch.randn(2, 4, 16), torch.randn(2, 7, 6), torch.randn(2, 7, 10))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    records = layer_flops(layer, x)
+    assert [r.kind for r in records] == ["MultiheadAttention", "Linear", "Linear"]
+    assert records[0].flops == _projection_flops(counter, "self_attn") == 2 * 15 * 4 * 16 * 16
+    keywords = {"query": torch.randn(2, 4, 16), "key": torch.randn(2, 7, 6), "value": torch.randn(2, 7, 10)}
+    assert flops(cross, keywords) == _projection_flops(counter, "MultiheadAttention") > 0
+    # Structured: zero rows of the query block and zero columns of the output projection drop out.
+    with torch.no_grad():
+        layer.self_attn.in_proj_weight[:4] = 0
+        layer.self_attn.out_proj.weight[:, :2] = 0
+    att = layer_flops(layer, x)[0]
+    assert att.flops_structured == 2 * 15 * (12 * 16 + 2 * 16 * 16 + 16 * 14)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the pass

@@ -1,4 +1,4 @@
-"""FLOPs (``2 * MACs``) of the Linear and convolution layers of one forward pass."""
+"""FLOPs (``2 * MACs``) of the Linear, convolution and attention-projection layers of one forward pass."""
 
 from __future__ import annotations
 
@@ -82,16 +82,49 @@ def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor, tol: fl
     return dense, structured
 
 
+def _projection_macs(weight: torch.Tensor, tokens: int, tol: float) -> tuple[int, int]:
+    """MACs of ``tokens`` rows times a projection ``weight [out, in]``: dense, and without
+    its all-zero rows and columns."""
+    rows, cols = _zero_slices(weight, 0, tol), _zero_slices(weight, 1, tol)
+    out, inp = weight.shape
+    return tokens * out * inp, tokens * (out - rows) * (inp - cols)
+
+
+def _attention_macs(module: nn.MultiheadAttention, args: tuple, kwargs: dict, tol: float) -> tuple:
+    """The input projections (query, key, value) and the output projection of one call.
+
+    ``nn.MultiheadAttention`` applies its weights functionally, so they are counted
+    here from its parameters: ``in_proj_weight`` (three ``[E, E]`` blocks), or the
+    separate ``q/k/v_proj_weight`` when key and value have other widths.
+    """
+    named = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(named))
+    tokens = [t.numel() // t.shape[-1] for t in (q, k, v)]
+    if module.in_proj_weight is not None:
+        blocks = list(module.in_proj_weight.chunk(3, dim=0))
+    else:
+        blocks = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    dense = structured = 0
+    for weight, n in (*zip(blocks, tokens, strict=True), (module.out_proj.weight, tokens[0])):
+        d, st = _projection_macs(weight, n, tol)
+        dense, structured = dense + d, structured + st
+    return dense, structured
+
+
 def layer_flops(model: nn.Module, example_inputs: Any, tol: float = 0.0) -> list[LayerFlops]:
     """FLOPs of every Linear / Conv / ConvTranspose call in one forward pass.
 
     Runs ``model(*example_inputs)`` once under ``torch.no_grad()`` in eval mode
     (each module's ``training`` flag is restored afterwards, so batch-norm
     statistics are not updated) with forward hooks on ``nn.Linear``,
-    ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``. The counts are for
-    the whole batch given, ``2 * MACs`` per call; a module called twice is
-    listed twice. Layers used functionally (``F.linear(x, layer.weight)``, as
-    inside ``nn.MultiheadAttention``) are not seen.
+    ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and
+    ``nn.MultiheadAttention`` (its query/key/value and output projections,
+    one record per call; the attention products themselves, activations
+    times activations, are not counted). PyTorch's fused fast path for
+    attention and encoder layers is switched off for the pass, so every
+    layer is seen. The counts are for the whole batch given, ``2 * MACs``
+    per call; a module called twice is listed twice. Other layers used
+    functionally (``F.linear(x, layer.weight)``) are not seen.
 
     ``flops_structured`` is the cost of the same layer with its weight's
     all-zero output rows (dim 0) and all-zero input columns (dim 1) removed,
@@ -125,14 +158,25 @@ def layer_flops(model: nn.Module, example_inputs: Any, tol: float = 0.0) -> list
         dense, structured = _layer_macs(module, inp, output, tol)
         records.append(LayerFlops(names[module], type(module).__name__, 2 * dense, 2 * structured))
 
+    def attention_hook(module: nn.Module, inputs: tuple, kw: dict, output: Any) -> None:
+        dense, structured = _attention_macs(module, inputs, kw, tol)
+        records.append(LayerFlops(names[module], type(module).__name__, 2 * dense, 2 * structured))
+
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = {id(m.out_proj) for m in attentions}  # counted with their attention, never called
     counted = (nn.Linear, *_CONV_TYPES, *_CONV_TRANSPOSE_TYPES)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, counted) and id(m) not in inside]
+    handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in attentions]
     modes = {m: m.training for m in model.modules()}
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for h in handles:
             h.remove()
         for m, mode in modes.items():
@@ -141,7 +185,7 @@ def layer_flops(model: nn.Module, example_inputs: Any, tol: float = 0.0) -> list
 
 
 def flops(model: nn.Module, example_inputs: Any) -> int:
-    """``2 * MACs`` of the Linear and convolution layers for one forward pass.
+    """``2 * MACs`` of the Linear, convolution and attention-projection layers for one forward pass.
 
     Counts the whole batch in ``example_inputs`` (divide by the batch size for
     a per-sample figure). Bias additions and other layers are not counted;
