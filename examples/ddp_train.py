@@ -14,6 +14,7 @@ penalty, then checks that the replicas are bit-identical and prints what it did.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import torch
@@ -34,10 +35,16 @@ def main() -> None:
     parser.add_argument("--l1", type=float, default=1e-2, help="L1 prox strength of hidden weights")
     parser.add_argument("--group", type=float, default=2e-2, help="group lasso on input columns")
     parser.add_argument("--out", default=None, help="save the trained state_dict here (rank 0)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds a collective waits for a missing rank before it fails")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
+    # A rank that died or never started makes the others fail after this long instead of hanging
+    # (PyTorch's default: 10 minutes with nccl, 30 with gloo).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:

@@ -513,7 +513,8 @@ def test_controller_ranks_out_of_step_raise_on_every_rank(ranks):
 def test_example_runs_with_torchrun(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "examples" / "ddp_train.py"), "--epochs", "2", "--out", str(tmp_path / "model.pt")]
+           str(ROOT / "examples" / "ddp_train.py"), "--epochs", "2", "--out", str(tmp_path / "model.pt"),
+           "--timeout", "60"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
