@@ -242,3 +242,18 @@ def test_bench_dispatches_to_a_suite_file(tmp_path, capsys):
     assert "| method | quick | value |" in table and "| toy | False | 0.5 |" in table
     assert cli.main(["bench", "--suite", "activity", "--dir", str(folder)]) == 2
     assert "activity.py" in capsys.readouterr().err
+
+
+def test_bench_summarize_rebuilds_the_markdown_from_saved_results_without_running(tmp_path, capsys):
+    folder = tmp_path / "benchmarks"
+    (folder / "results").mkdir(parents=True)
+    # A suite file that would fail if run: --summarize must only read the saved JSON.
+    (folder / "weights.py").write_text("def run(quick=False):\n    raise RuntimeError('ran')\n")
+    (folder / "results" / "weights.json").write_text(json.dumps({"summary": [{"method": "toy", "value": 0.25}]}))
+    assert cli.main(["bench", "--suite", "weights", "--summarize", "--dir", str(folder)]) == 0
+    assert "| toy | 0.25 |" in (folder / "results" / "weights.md").read_text()
+    assert cli.main(["bench", "--suite", "activity", "--summarize", "--dir", str(folder)]) == 2
+    assert "activity.json" in capsys.readouterr().out
+    # The two flags exclude each other (a usage error: exit 2, argparse's message).
+    assert cli.main(["bench", "--summarize", "--quick", "--dir", str(folder)]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -73,14 +74,24 @@ def _bench(args: argparse.Namespace) -> int:
     folder = _bench_dir(args.dir)
     names = SUITES if args.suite == "all" else (args.suite,)
     sections = []
+    if args.summarize and args.quick:
+        console.print("[red]--summarize reads the saved results; --quick runs and saves nothing: pass one[/red]")
+        return 2
     for name in names:
-        run = _load_suite(folder, name)
-        console.rule(f"[bold]bench: {name}{' (quick)' if args.quick else ''}")
-        t0 = time.perf_counter()
-        result = run(quick=args.quick)
-        seconds = time.perf_counter() - t0
+        if args.summarize:
+            saved = folder / "results" / f"{name}.json"
+            if not saved.is_file():
+                console.print(f"[red]No saved results for {name}: expected {saved}; run the suite first[/red]")
+                return 2
+            result, seconds, where = json.loads(saved.read_text()), 0.0, f"saved results/{name}.json"
+        else:
+            run = _load_suite(folder, name)
+            console.rule(f"[bold]bench: {name}{' (quick)' if args.quick else ''}")
+            t0 = time.perf_counter()
+            result = run(quick=args.quick)
+            seconds = time.perf_counter() - t0
+            where = "quick run, no file written" if args.quick else f"results/{name}.json"
         headers, rows = _summary_rows(result)
-        where = "quick run, no file written" if args.quick else f"results/{name}.json"
         _print_table(console, f"{name} ({seconds:.0f} s; {where})", headers, rows)
         sections.append(f"## {name}\n\n{_markdown_table(headers, rows)}\n")
     if args.quick:

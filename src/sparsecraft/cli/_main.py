@@ -182,8 +182,14 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run benchmark suites; writes benchmarks/results/")
     bench.add_argument("--suite", choices=(*SUITES, "all"), default="all")
-    bench.add_argument(
+    how = bench.add_mutually_exclusive_group()
+    how.add_argument(
         "--quick", action="store_true", help="tiny versions of the suites (smoke test, no files)"
+    )
+    how.add_argument(
+        "--summarize", action="store_true",
+        help="train nothing: rebuild results/<suite>.md from the saved results/<suite>.json "
+             "(after running a suite as `python benchmarks/<suite>.py`)",
     )
     bench.add_argument("--dir", default=None, help="the benchmarks folder (default: ./benchmarks)")
     _add_threads(bench)
