@@ -196,8 +196,9 @@ def test_hold_and_freeze_step_are_checked():
 
 
 def test_default_freeze_holds_the_target_for_a_third_of_the_ramp_except_with_batchnorm():
-    # Measured default (docs/optim.md, third round): the zeros are fixed at end + 0.35·(end - start),
-    # at the ramp's end on a model with BatchNorm; an explicit freeze_step wins.
+    # Measured default (docs/optim.md, third round): in latent mode the zeros are fixed at
+    # end + 0.35·(end - start); at the ramp's end on a model with BatchNorm and in forward-backward
+    # mode; an explicit freeze_step wins.
     _, _, opt = _setup()
     ctrl = TargetSparsity(opt, target=0.5, end_step=100, start_step=20)
     assert ctrl.freeze_step == 128
@@ -208,6 +209,8 @@ def test_default_freeze_holds_the_target_for_a_third_of_the_ramp_except_with_bat
     reg.add_weight((nn.Linear, "weight"), sc.L1(1e-2))
     bn_opt = ProximalOptimizer(torch.optim.SGD(bn.parameters(), lr=0.1), reg)
     assert TargetSparsity(bn_opt, target=0.5, end_step=100, start_step=20).freeze_step == 100
+    fb = _setup(mode="forward_backward")[2]  # its zeros cannot come back at the freeze: no hold
+    assert TargetSparsity(fb, target=0.5, end_step=100, start_step=20).freeze_step == 100
     # Between end_step and the freeze the target is held with the prox on; then the zeros are fixed.
     model, _, opt = _setup()
     ctrl = TargetSparsity(opt, target=0.6, end_step=10, every=1)
