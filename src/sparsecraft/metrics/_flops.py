@@ -55,14 +55,18 @@ def _zero_slices(weight: torch.Tensor, dim: int, tol: float) -> int:
     return int((~nz.any(dim=other)).sum()) if other else int((~nz).sum())
 
 
+def _projection_macs(weight: torch.Tensor, tokens: int, tol: float) -> tuple[int, int]:
+    """MACs of ``tokens`` rows times a projection ``weight [out, in]``: dense, and without
+    its all-zero rows and columns."""
+    rows, cols = _zero_slices(weight, 0, tol), _zero_slices(weight, 1, tol)
+    out, inp = weight.shape
+    return tokens * out * inp, tokens * (out - rows) * (inp - cols)
+
+
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor, tol: float) -> tuple:
     w = module.weight
     if isinstance(module, nn.Linear):
-        n = out.numel() // module.out_features
-        rows, cols = _zero_slices(w, 0, tol), _zero_slices(w, 1, tol)
-        dense = n * module.in_features * module.out_features
-        structured = n * (module.in_features - cols) * (module.out_features - rows)
-        return dense, structured
+        return _projection_macs(w, out.numel() // module.out_features, tol)
     kernel = math.prod(module.kernel_size)
     if isinstance(module, _CONV_TYPES):
         # weight [C_out, C_in / groups, *k]; each output element costs (C_in / groups) * k MACs.
@@ -80,14 +84,6 @@ def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor, tol: fl
     dense = positions * module.in_channels * out_per_group * kernel
     structured = positions * (module.in_channels - rows) * (out_per_group - cols) * kernel
     return dense, structured
-
-
-def _projection_macs(weight: torch.Tensor, tokens: int, tol: float) -> tuple[int, int]:
-    """MACs of ``tokens`` rows times a projection ``weight [out, in]``: dense, and without
-    its all-zero rows and columns."""
-    rows, cols = _zero_slices(weight, 0, tol), _zero_slices(weight, 1, tol)
-    out, inp = weight.shape
-    return tokens * out * inp, tokens * (out - rows) * (inp - cols)
 
 
 def _attention_macs(module: nn.MultiheadAttention, args: tuple, kwargs: dict, tol: float) -> tuple:
