@@ -436,13 +436,14 @@ def test_flops_count_attention_projections_as_pytorch_counts_them(batch_first):
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first).eval()
     cross = nn.MultiheadAttention(16, 2, kdim=6, vdim=10, batch_first=True).eval()
     x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             layer(x)
             cross(torch.randn(2, 4, 16), torch.randn(2, 7, 6), torch.randn(2, 7, 10))
     finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     records = layer_flops(layer, x)
     assert [r.kind for r in records] == ["MultiheadAttention", "Linear", "Linear"]
     assert records[0].flops == _projection_flops(counter, "self_attn") == 2 * 15 * 4 * 16 * 16
@@ -454,4 +455,4 @@ def test_flops_count_attention_projections_as_pytorch_counts_them(batch_first):
         layer.self_attn.out_proj.weight[:, :2] = 0
     att = layer_flops(layer, x)[0]
     assert att.flops_structured == 2 * 15 * (12 * 16 + 2 * 16 * 16 + 16 * 14)
-    assert torch.backends.mha.get_fastpath_enabled()  # restored after the pass
+    assert torch.backends.mha.get_fastpath_enabled() == fast_path  # restored after the pass
