@@ -82,16 +82,66 @@ def test_auto_is_forward_backward_until_a_controller_steers_it():
     assert not fixed.relaxed  # an explicit choice is kept
 
 
-def test_relaxed_display_is_the_latent_on_the_prox_support():
-    model, _, opt = _setup(mode="latent", relaxed=True, lam=0.5)
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_relaxed_display_is_the_latent_on_the_prox_support(opt_cls):
+    model, _, opt = _setup(opt_cls, mode="latent", relaxed=True, lam=0.5)
     for x, y in _batches(20):
         _step(model, opt, x, y)
+    moved = 0
     for p in _weights(model):
         z, step = opt._latent[p], opt._gamma[p] * 0.5
         soft = torch.sign(z) * (z.abs() - step).clamp_min(0)  # the L1 prox, written out
-        assert torch.equal(p == 0, soft == 0)  # same support as the prox
         assert 0 < int((p == 0).sum()) < p.numel()
+        assert int((p == 0).sum()) == int((soft == 0).sum())  # as many survivors as the prox
         assert torch.equal(p[p != 0], z[p != 0])  # the latent values, not shrunk
+        if opt_cls is torch.optim.SGD:
+            assert torch.equal(p == 0, soft == 0)  # a constant step: the prox's own support
+        moved += int(((p == 0) != (soft == 0)).sum())
+    if opt_cls is torch.optim.AdamW:
+        assert moved > 0  # an adaptive step ranks the survivors by |z|·v^¼ (next test)
+
+
+def _ranked(opt_cls, z, v, step):
+    """What a relaxed latent ProximalOptimizer shows for latent ``z`` with second moment ``v``."""
+    lin = nn.Linear(4, 1, bias=False)
+    reg = sc.Regularizer(lin)
+    reg.add_weight("weight", sc.L1(1.0))
+    opt = ProximalOptimizer(opt_cls(lin.parameters(), lr=0.1), reg, mode="latent", relaxed=True)
+    lin(torch.ones(1, 4)).sum().backward()
+    opt.step()  # creates the inner optimizer's state
+    p = lin.weight
+    with torch.no_grad():
+        opt._latent[p].copy_(torch.tensor([z]))
+        if "exp_avg_sq" in opt.inner.state[p]:
+            opt.inner.state[p]["exp_avg_sq"].copy_(torch.tensor([v]))
+        p.copy_(opt._latent[p])
+        opt._show_latent(opt._terms[p], p, step)
+    return p.detach()[0].tolist()
+
+
+def test_relaxed_display_of_adam_keeps_the_prox_count_ranked_by_magnitude_and_gradient_rms():
+    # |z| 0.5, 0.5, 0.2, 0.05 with sqrt(v) 1e-3, 0.1, 1, 0.01: the prox at 0.3 keeps two,
+    # the first two. |z|·v^¼: 0.016, 0.16, 0.2, 0.005, so Adam shows the second and third.
+    z, v = [0.5, -0.5, 0.2, 0.05], [1e-6, 1e-2, 1.0, 1e-4]
+    assert _ranked(torch.optim.SGD, z, v, 0.3) == [0.5, -0.5, 0.0, 0.0]
+    assert _ranked(torch.optim.Adam, z, v, 0.3) == pytest.approx([0.0, -0.5, 0.2, 0.0])
+    # A coordinate that never had a gradient (v = 0) ranks below every one that had.
+    assert _ranked(torch.optim.Adam, [0.9, 0.8, 0.1, 0.1], [0.0, 0.0, 1e-4, 1e-4], 0.5) == \
+        pytest.approx([0.0, 0.0, 0.1, 0.1])
+    # Ties at the cut (three equal scores for two places) still give the prox's count.
+    shown = _ranked(torch.optim.Adam, [0.6, 0.6, 0.6, 0.4], [0.0, 0.0, 0.0, 1e-4], 0.5)
+    assert shown[3] == pytest.approx(0.4) and sum(w != 0 for w in shown) == 3
+
+
+def test_controller_view_of_the_relaxed_display_is_what_the_model_shows():
+    model, _, opt = _setup(mode="latent", relaxed=True, lam=0.5)
+    for x, y in _batches(10):
+        _step(model, opt, x, y)
+    for p in _weights(model):
+        term = opt._terms[p]
+        z = opt._latent[p]
+        shown = term.penalty.prox(z, opt._gamma[p] * term.scale)
+        assert torch.equal(opt._relaxed_value(term, z, shown), p)
 
 
 def test_frozen_support_trains_survivors_like_the_inner_optimizer_and_keeps_zeros():

@@ -161,6 +161,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
         # (model.load_state_dict, an in-place op, threshold()): the latent copy follows.
         self._versions: dict[Tensor, int] = {}
         self._masks: dict[Tensor, Tensor] = {}  # the frozen support (freeze_support)
+        self._group_cache: dict[Tensor, dict] = {}  # parameter -> its param group (_group_of)
         if mode == "latent":
             self._start_latent()
 

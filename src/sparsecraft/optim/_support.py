@@ -29,15 +29,22 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
+from ..penalties import L1, L1L2
 from ..regularizer import Term
 from ._prox_step import _apply_prox
+from ._rules import AdaptiveStep, _sgd
+
+# The relaxed display of an adaptive optimizer keeps, within each tensor, the survivors
+# with the largest |z|·(sqrt v + eps)^RANK_POWER (:meth:`_Support._rank_survivors`).
+RANK_POWER = 0.5
 
 
 class _Support:
     """Relaxed latent display and frozen support of :class:`ProximalOptimizer` (a base class).
 
-    Reads the optimizer's ``relaxed``, ``inner``, ``_terms``, ``_latent``,
-    ``_gamma``, ``_versions``, ``_masks`` and its step buffer (``_workspace``).
+    Reads the optimizer's ``relaxed``, ``inner``, ``_rule``, ``_terms``, ``_latent``,
+    ``_gamma``, ``_versions``, ``_masks``, ``_group_cache`` and its step buffers
+    (``_workspace``).
     """
 
     relaxed: bool
@@ -48,6 +55,7 @@ class _Support:
     _gamma: dict[Tensor, float]
     _versions: dict[Tensor, int]
     _masks: dict[Tensor, Tensor]
+    _group_cache: dict[Tensor, dict]
 
     def _show_latent(self, term: Term, p: Tensor, step: float) -> None:
         """Write the shown weights into ``p`` (which holds the latent copy): prox, or relaxed prox."""
@@ -60,12 +68,75 @@ class _Support:
             if _dist.is_sharded(p):
                 x, z = p.to_local(), z.to_local()
             keep = torch.ne(x, 0, out=self._workspace(x))
+            self._rank_survivors(term, p, z, keep)
             x.copy_(z).mul_(keep)
 
-    def _latent_display(self, term: Term, z: Tensor, step: float) -> Tensor:
-        """What the model would show for latent ``z`` at prox step ``step`` (out of place)."""
-        shown = term.penalty.prox(z, step)
-        return z * shown.ne(0) if self.relaxed else shown
+    @torch.no_grad()
+    def _relaxed_value(self, term: Term, z: Tensor, shown: Tensor) -> Tensor:
+        """The relaxed display of latent ``z`` whose prox is ``shown`` (out of place; a controller's view)."""
+        p = term.target
+        x, zl = shown, z
+        if _dist.is_sharded(shown):
+            x, zl = shown.to_local(), z.to_local()
+        keep = x.ne(0).to(self._workspace(x).dtype)
+        self._rank_survivors(term, p, zl, keep)
+        x.copy_(zl).mul_(keep)
+        return shown
+
+    @torch.no_grad()
+    def _rank_survivors(self, term: Term, p: Tensor, z: Tensor, keep: Tensor) -> None:
+        """Relaxed display under an adaptive optimizer: which survivors, within each tensor.
+
+        ``keep`` (0/1, local shard of ``p``) is where the prox keeps a coordinate of
+        ``z``. With an adaptive step rule (Adam, AdamW, Adagrad, RMSprop, a registered
+        one) and an elementwise L1 or L1L2 term, the same number of coordinates is kept
+        but the ones with the largest ``|z|·(sqrt v + eps)^RANK_POWER`` (``v``: the optimizer's
+        second moment, ``eps`` its own): with the power ½, the geometric mean of the
+        magnitude ``|z|`` and OBD's saliency with the Fisher diagonal, ``|z|·sqrt v``.
+        Adam's latent copy moves about ``lr`` a step in the sign of the mean gradient,
+        so ``|z|`` alone ranks by how consistent a coordinate's gradient was, not by how
+        large it was. The count per tensor, and so the controller's sparsity, is
+        unchanged. Measured (docs/optim.md, fourth round): AdamW on digits at 99.7 %
+        95.73 against 94.92 % (20 seeds); at 98 % the LSTM 49.1 against 38.5 % and the
+        transformer 46.5 against 34.9 % (3 seeds). The power ¼ was 95.21 % on digits;
+        ``|z|·sqrt v`` alone (power 1) was worse than ``|z|``.
+        A sharded parameter is ranked within its local shard.
+        """
+        if self._rule is _sgd or type(term.penalty) not in (L1, L1L2):
+            return
+        n = keep.numel()
+        k = int(keep.count_nonzero())
+        if k == 0 or k == n:
+            return
+        group = self._group_of(p)
+        state = self.inner.state.get(p, {})
+        if _dist.is_sharded(p):
+            state = _dist.local_state(state)
+        score = self._workspace(z, 1)
+        step = self._rule(group, state, z, score)
+        if not isinstance(step, AdaptiveStep):
+            return  # no second moment yet (the first step), or a constant step
+        # score = (sqrt v + eps)^a · |z|, with the optimizer's own eps (the denominator of
+        # its step): coordinates that never had a gradient (or whose second moment is not
+        # finite) rank by |z| below the others.
+        score.nan_to_num_(nan=0.0, posinf=0.0).add_(step.eps / step.scale).pow_(RANK_POWER).mul_(z).abs_()
+        flat = score.reshape(-1)
+        cut = flat.kthvalue(n - k).values  # the (n − k)-th smallest: k scores lie above it
+        torch.gt(score, cut, out=keep)
+        short = k - int(keep.count_nonzero())
+        if short > 0:  # ties at the cut (zeros of z or of v): fill up to k in index order
+            ties = torch.nonzero(flat == cut).reshape(-1)[:short]
+            keep.reshape(-1)[ties] = 1
+
+    def _group_of(self, p: Tensor) -> dict:
+        """The param group holding ``p`` (cached; rebuilt when the groups were replaced)."""
+        cache = self._group_cache
+        group = cache.get(p)
+        if group is None or not any(group is g for g in self.inner.param_groups):
+            cache.clear()
+            cache.update({q: g for g in self.inner.param_groups for q in g["params"]})
+            group = cache[p]
+        return group
 
     @property
     def support_frozen(self) -> bool:
