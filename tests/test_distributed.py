@@ -92,6 +92,14 @@ def fsdp_regularizer(model: nn.Module, kind: str) -> sc.Regularizer:
     return reg
 
 
+def l1_regularizer(model: nn.Module, kind: str = "adam") -> sc.Regularizer:
+    """L1 on every weight matrix: under TargetSparsity, Adam shows survivors ranked by |z|·v^¼."""
+    reg = sc.Regularizer(model)
+    for name in ("0.weight", "2.weight", "4.weight"):
+        reg.add_weight(name, sc.L1(1e-2))
+    return reg
+
+
 def make_optimizer(model: nn.Module, reg: sc.Regularizer, kind: str) -> ProximalOptimizer:
     if kind == "sgd":
         return ProximalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), reg,
@@ -265,6 +273,11 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                 "reg_value": float(reg.value()),
                 "scales": [t.scale for t in reg.terms],
             }
+        model = shard(make_model(), mesh)
+        reg = l1_regularizer(model)
+        opt = make_optimizer(model, reg, "adam")
+        losses = train(model, reg, opt, rank=rank, world=world, ctrl=make_controller(opt, "elements"))
+        results["fsdp_target_adam"] = {"state": full_state(model), "losses": losses}
         for name, kind, measure, target in FINAL:
             model = shard(make_model(), mesh)
             results[name] = finalize_run(model, kind, measure, target, rank, world)
@@ -460,6 +473,20 @@ def test_fsdp_counts_and_report_are_global(ranks, name, kind):
         assert got["count_zeros"] == [zeros, numel]
         assert got["all_reduce_counts"] == [zeros, numel]
         assert got["report"] == report_rows(local_sparsity(model, tol=1e-3))
+    assert zeros > 0
+
+
+def test_fsdp_adam_under_the_controller_ranks_survivors_like_one_process(ranks):
+    """The relaxed display of Adam ranks |z|·v^¼ over both shards, not within each."""
+    model, _, losses = single("adam", l1_regularizer, target="elements")
+    want = full_state(model)
+    for r in range(WORLD):
+        got = ranks[r]["fsdp_target_adam"]
+        assert_close_states(got["state"], want)
+        assert got["losses"] == pytest.approx(losses, abs=1e-5)
+        for n, w in want.items():
+            assert torch.equal(got["state"][n] == 0, w == 0), n
+    zeros = sum(int((want[n] == 0).sum()) for n in ("0.weight", "2.weight", "4.weight"))
     assert zeros > 0
 
 

@@ -49,6 +49,7 @@ from ._dtensor import (  # noqa: F401 - the hot path calls them as distributed.<
     penalty_value,
     prox_,
     slice_means,
+    top_k_mask,
 )
 
 __all__ = [

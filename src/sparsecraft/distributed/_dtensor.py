@@ -106,6 +106,56 @@ def _place(local_slices: Tensor, t: Tensor, dim: int, offset: list[int]) -> Tens
     return full
 
 
+def top_k_mask(local: Tensor, k: int, t: Tensor) -> Tensor:
+    """Where the ``k`` largest values of sharded ``t`` lie, as this rank's boolean shard.
+
+    ``local``: one value >= 0 per element of this rank's shard of ``t`` (finite).
+    The mask is the one a single process computes on the whole tensor, ties at
+    the cut taken in index order: a radix selection on the values' bit patterns
+    (for non-negative floats ordered like the values), one byte a round. Each
+    round all-reduces a 256-bin histogram over the shards (4 rounds for float32
+    and smaller, 8 for float64), then one all-gather of the tie counts.
+
+    Raises:
+        ValueError: ``t`` is sharded along more than one mesh dimension.
+    """
+    _, shard_dims = _layout(t)
+    if len(shard_dims) != 1:
+        raise ValueError(
+            f"Expected a DTensor sharded along one mesh dimension (FSDP2). Received: placements "
+            f"{tuple(t.placements)}"
+        )
+    group = t.device_mesh.get_group(shard_dims[0])
+    flat = local.detach().reshape(-1)
+    bits = flat.view(torch.int64) if flat.dtype == torch.float64 else flat.float().view(torch.int32)
+    need, prefix = k, 0
+    matched = torch.ones_like(bits, dtype=torch.bool)  # the elements whose higher bytes are the prefix
+    for shift in range(bits.element_size() * 8 - 8, -1, -8):
+        byte = (bits >> shift) & 0xFF
+        hist = torch.bincount(byte[matched], minlength=256)
+        dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
+        above = 0
+        counts = hist.tolist()
+        b = 255
+        while b > 0 and above + counts[b] < need:  # the byte of the need-th largest
+            above += counts[b]
+            b -= 1
+        need -= above
+        prefix |= b << shift
+        matched &= byte == b
+    keep = bits > prefix
+    # ``need`` elements equal to the cut value go in too, in index order: shards are
+    # contiguous slices in mesh order (``torch.chunk``), so ranks before this one go first.
+    mine = torch.tensor([int(matched.sum())], dtype=torch.int64, device=hist.device)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    coord = t.device_mesh.get_coordinate()[shard_dims[0]]
+    take = min(max(need - sum(int(r) for r in rows[:coord]), 0), int(mine))
+    if take:
+        keep[torch.nonzero(matched).reshape(-1)[:take]] = True
+    return keep.view(local.shape)
+
+
 def local_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """An optimizer state with its DTensors replaced by their local shards (for step rules)."""
     return {k: v.to_local() if _is_dtensor(v) else v for k, v in state.items()}

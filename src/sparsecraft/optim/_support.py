@@ -97,20 +97,23 @@ class _Support:
         so ``|z|`` alone ranks by how consistent a coordinate's gradient was, not by how
         large it was. The count per tensor, and so the controller's sparsity, is
         unchanged. Measured (docs/optim.md, fourth round): AdamW on digits at 99.7 %
-        95.73 against 94.92 % (20 seeds); at 98 % the LSTM 49.1 against 38.5 % and the
-        transformer 46.5 against 34.9 % (3 seeds). The power ¼ was 95.21 % on digits;
+        95.73 against 94.92 % (20 seeds); at 98 % the LSTM 48.1 against 38.5 % and the
+        transformer 57.3 against 34.9 % (``bench --suite architectures``, 3 seeds). The power ¼ was 95.21 % on digits;
         ``|z|·sqrt v`` alone (power 1) was worse than ``|z|``.
-        A sharded parameter is ranked within its local shard.
+        A sharded (FSDP2) parameter is ranked over all its shards
+        (:func:`sparsecraft.distributed.top_k_mask`): the zeros one process makes.
         """
         if self._rule is _sgd or type(term.penalty) not in (L1, L1L2):
             return
-        n = keep.numel()
-        k = int(keep.count_nonzero())
+        sharded = _dist.is_sharded(p)
+        k, n = int(keep.count_nonzero()), keep.numel()
+        if sharded:  # the counts of the whole tensor (the same branch on every rank)
+            k, n = _dist._reduce_shards(torch.tensor([k, n], device=keep.device), p).tolist()
         if k == 0 or k == n:
             return
         group = self._group_of(p)
         state = self.inner.state.get(p, {})
-        if _dist.is_sharded(p):
+        if sharded:
             state = _dist.local_state(state)
         score = self._workspace(z, 1)
         step = self._rule(group, state, z, score)
@@ -120,6 +123,9 @@ class _Support:
         # its step): coordinates that never had a gradient (or whose second moment is not
         # finite) rank by |z| below the others.
         score.nan_to_num_(nan=0.0, posinf=0.0).add_(step.eps / step.scale).pow_(RANK_POWER).mul_(z).abs_()
+        if sharded:  # ranked over all shards, as one process ranks the whole tensor
+            keep.copy_(_dist.top_k_mask(score, k, p))
+            return
         flat = score.reshape(-1)
         cut = flat.kthvalue(n - k).values  # the (n − k)-th smallest: k scores lie above it
         torch.gt(score, cut, out=keep)
