@@ -11,6 +11,8 @@ optimizer step), cases interleaved:
 * ``l1_loss``: the same penalty through ``sparsecraft.Regularizer.loss()``;
 * ``prox_sgd`` / ``prox_adam``: ``ProximalOptimizer`` around SGD / Adam
   (forward-backward), ``prox_sgd_latent`` / ``prox_adam_latent`` (latent mode),
+  ``prox_adam_relaxed`` (latent, ``relaxed=True``: the display ``TargetSparsity``
+  gives Adam, survivors ranked within each tensor by ``|z|·v^¼``),
   ``prox_adam_fused`` (``fused=True``, when ``torch.compile`` works here).
   For these the prox part (``opt.step()`` minus the inner ``step()``) is timed too.
 
@@ -77,10 +79,13 @@ def _inner(model: nn.Module, optimizer: str) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-4)
 
 
-def _prox_opt(module: ModuleType, model: nn.Module, optimizer: str, mode: str, fused: bool):
+def _prox_opt(module: ModuleType, model: nn.Module, optimizer: str, mode: str, fused: bool,
+              relaxed: bool = False):
     reg = Regularizer(model)
     reg.add_weight(nn.Linear, f"l1:{LAM}")
     kwargs = {"fused": True} if fused else {}
+    if relaxed:
+        kwargs["relaxed"] = True
     return module.ProximalOptimizer(_inner(model, optimizer), reg, mode=mode, **kwargs), reg
 
 
@@ -88,14 +93,15 @@ class _Step:
     """One full training step of one case; records the prox part when there is one."""
 
     def __init__(self, size: int, x: torch.Tensor, y: torch.Tensor, optimizer: str,
-                 penalty: str | None, mode: str = "forward_backward", fused: bool = False):
+                 penalty: str | None, mode: str = "forward_backward", fused: bool = False,
+                 relaxed: bool = False):
         self.model = _model(size)
         self.x, self.y, self.penalty = x, y, penalty
         self.reg: Regularizer | None = None
         self.inner_s: list[float] = []
         self.outer_s: list[float] = []
         if penalty == "prox":
-            self.opt, self.reg = _prox_opt(_optim, self.model, optimizer, mode, fused)
+            self.opt, self.reg = _prox_opt(_optim, self.model, optimizer, mode, fused, relaxed)
             inner = self.opt.inner
             step = inner.step
 
@@ -130,10 +136,11 @@ class _Step:
         return round(statistics.median(parts) * 1e3, 3)
 
 
-def _prox_only(module: ModuleType, size: int, optimizer: str, mode: str, fused: bool) -> Callable[[], None]:
+def _prox_only(module: ModuleType, size: int, optimizer: str, mode: str, fused: bool,
+               relaxed: bool = False) -> Callable[[], None]:
     """``opt.step()`` with a no-op inner step, from the state of two real steps."""
     model = _model(size)
-    opt, _ = _prox_opt(module, model, optimizer, mode, fused)
+    opt, _ = _prox_opt(module, model, optimizer, mode, fused, relaxed)
     gen = torch.Generator().manual_seed(2)
     for _ in range(2):
         for p in model.parameters():
@@ -188,6 +195,7 @@ def _one_setting(size: int, threads: int, quick: bool, fused: bool, baseline: Mo
         "prox_sgd": ("sgd", "prox"), "prox_sgd_latent": ("sgd", "prox", "latent"),
         "adam": ("adam", None), "prox_adam": ("adam", "prox"),
         "prox_adam_latent": ("adam", "prox", "latent"),
+        "prox_adam_relaxed": ("adam", "prox", "latent", False, True),
     }
     if fused:
         specs["prox_adam_fused"] = ("adam", "prox", "forward_backward", True)
@@ -204,6 +212,7 @@ def _one_setting(size: int, threads: int, quick: bool, fused: bool, baseline: Mo
                                   "prox_sgd_latent": ("sgd", "latent", False),
                                   "prox_adam_latent": ("adam", "latent", False)}.items():
         only[name] = _prox_only(_optim, size, opt, mode, fz)
+    only["prox_adam_relaxed"] = _prox_only(_optim, size, "adam", "latent", False, relaxed=True)
     if fused:
         only["prox_adam_fused"] = _prox_only(_optim, size, "adam", "forward_backward", True)
     if baseline is not None:

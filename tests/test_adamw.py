@@ -300,3 +300,17 @@ def test_plain_adamw_path_reaches_99_percent_within_one_point_of_dense():
     zeros, numel = count_zeros(_weights(model))
     assert zeros == round(0.99 * numel)
     assert evaluate(model, data) >= dense - 0.01, (evaluate(model, data), dense)
+
+
+@pytest.mark.parametrize("j", [1, 7, 3_000, 150_000, 299_994, 300_000])
+def test_kth_smallest_matches_kthvalue_on_large_tensors(j):
+    from sparsecraft.optim._support import _kth_smallest
+
+    n = 300_000  # above 16 × the sample: the bracketed path
+    g = torch.Generator().manual_seed(0)
+    flat = torch.rand(n, generator=g) * torch.randn(n, generator=g).abs()
+    flat[:1000] = 0.0  # ties at the bottom, as coordinates without a gradient give
+    assert _kth_smallest(flat, j) == flat.kthvalue(j).values
+    skewed = torch.cat([torch.zeros(230_000), torch.rand(n - 230_000, generator=g)])
+    skewed = skewed[torch.randperm(n, generator=g)]
+    assert _kth_smallest(skewed, j) == skewed.kthvalue(j).values
