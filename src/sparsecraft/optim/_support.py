@@ -96,10 +96,11 @@ class _Support:
         Adam's latent copy moves about ``lr`` a step in the sign of the mean gradient,
         so ``|z|`` alone ranks by how consistent a coordinate's gradient was, not by how
         large it was. The count per tensor, and so the controller's sparsity, is
-        unchanged. Measured (docs/optim.md, fourth round): AdamW on digits at 99.7 %
-        95.73 against 94.92 % (20 seeds); at 98 % the LSTM 48.1 against 38.5 % and the
-        transformer 57.3 against 34.9 % (``bench --suite architectures``, 3 seeds). The power ¼ was 95.21 % on digits;
-        ``|z|·sqrt v`` alone (power 1) was worse than ``|z|``.
+        unchanged. Measured (docs/optim.md, fourth round; docs/benchmarks.md): AdamW
+        on digits at 99.7 % 96.02 against 95.09 % (10 seeds); at 98 % the LSTM 48.1
+        against 38.5 % and the transformer 57.3 against 34.9 % (3 seeds). The power
+        ¼ was 95.21 % on digits (20 seeds, against 95.73 % with ½); ``|z|·sqrt v``
+        alone (power 1) was worse than ``|z|``.
         Cost: five memory passes for the score, the cut (:func:`_kth_smallest`)
         and two counts per tensor and step; on a 16.8 M-weight MLP on 2 CPU cores
         the Adam step under the controller went from 154 to 248 ms
@@ -127,8 +128,7 @@ class _Support:
         # its step): coordinates that never had a gradient (or whose second moment is not
         # finite) rank by |z| below the others.
         score.nan_to_num_(nan=0.0, posinf=0.0).add_(step.eps / step.scale)
-        score.sqrt_() if RANK_POWER == 0.5 else score.pow_(RANK_POWER)
-        score.mul_(z).abs_()
+        score.pow_(RANK_POWER).mul_(z).abs_()
         if sharded:  # ranked over all shards, as one process ranks the whole tensor
             keep.copy_(_dist.top_k_mask(score, k, p))
             return
@@ -223,10 +223,10 @@ def _kth_smallest(flat: Tensor, j: int, sample: int = 1 << 14, margin: float = 0
     ``kthvalue`` copies and selects the whole tensor: 76 ms for 4.2 M float32
     values on 2 CPU cores, at every step of every penalised tensor. Here a
     strided sample of ``sample`` values brackets the ``j``-th smallest within
-    ``margin`` of the ranks on either side (the sample's quantile is off by
-    about 0.4 % of the ranks at most, one standard deviation), and
-    ``kthvalue`` runs on the values inside the bracket only (about 15 ms there).
-    A bracket that misses falls back to the whole tensor.
+    ``margin`` of the ranks on either side (the standard deviation of the
+    sample's quantile is at most 0.4 % of the ranks, so 2 % is five of them),
+    and ``kthvalue`` runs on the values inside the bracket only (about 15 ms
+    there). A bracket that misses falls back to the whole tensor.
     """
     n = flat.numel()
     if n <= 16 * sample:
