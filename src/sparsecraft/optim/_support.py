@@ -231,7 +231,9 @@ def _kth_smallest(flat: Tensor, j: int, sample: int = 1 << 14, margin: float = 0
     n = flat.numel()
     if n <= 16 * sample:
         return flat.kthvalue(j).values
-    part = flat[:: n // sample].sort().values
+    # An odd stride: with rows of a power-of-two length an even one would sample a few
+    # columns only (an input feature's weights can all be small, or all large).
+    part = flat[:: (n // sample) | 1].sort().values
     m = part.numel()
     q = j / n
     i_lo, i_hi = int((q - margin) * m), int((q + margin) * m)
