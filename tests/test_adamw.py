@@ -141,7 +141,7 @@ def test_controller_view_of_the_relaxed_display_is_what_the_model_shows():
         term = opt._terms[p]
         z = opt._latent[p]
         shown = term.penalty.prox(z, opt._gamma[p] * term.scale)
-        assert torch.equal(opt._relaxed_value(term, z, shown), p)
+        assert torch.equal(opt._relax(term, z, shown), p)
 
 
 def test_frozen_support_trains_survivors_like_the_inner_optimizer_and_keeps_zeros():

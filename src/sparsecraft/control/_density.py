@@ -129,7 +129,7 @@ class DensityFloor:
         value = z.clone()
         _apply_prox(term.penalty, value, gamma * base * math.exp(log_scale) * gs)
         if self._optimizer is not None and self._optimizer.relaxed:
-            value = self._optimizer._relaxed_value(term, z, value)
+            value = self._optimizer._relax(term, z, value)
         return value
 
     def _latent_values(self, view, log_m: float) -> list[Tensor]:

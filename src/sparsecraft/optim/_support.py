@@ -61,25 +61,22 @@ class _Support:
         """Write the shown weights into ``p`` (which holds the latent copy): prox, or relaxed prox."""
         _apply_prox(term.penalty, p, step)
         if self.relaxed:
-            # The latent values where the prox keeps a coordinate (or a group): same support,
-            # no shrinkage. The 0/1 mask goes to the shared step buffer: no allocation.
-            # Sharded (FSDP2) parameters: elementwise on the local shards.
-            x, z = p, self._latent[p]
-            if _dist.is_sharded(p):
-                x, z = p.to_local(), z.to_local()
-            keep = torch.ne(x, 0, out=self._workspace(x))
-            self._rank_survivors(term, p, z, keep)
-            x.copy_(z).mul_(keep)
+            self._relax(term, self._latent[p], p)
 
     @torch.no_grad()
-    def _relaxed_value(self, term: Term, z: Tensor, shown: Tensor) -> Tensor:
-        """The relaxed display of latent ``z`` whose prox is ``shown`` (out of place; a controller's view)."""
-        p = term.target
+    def _relax(self, term: Term, z: Tensor, shown: Tensor) -> Tensor:
+        """Turn ``shown``, the prox of latent ``z``, into the relaxed display, in place.
+
+        The latent values where the prox keeps a coordinate (or a group): no
+        shrinkage; with an adaptive optimizer, which coordinates is
+        :meth:`_rank_survivors`'s choice. The 0/1 mask goes to the shared step
+        buffer: no allocation. Sharded (FSDP2) parameters: on the local shards.
+        """
         x, zl = shown, z
         if _dist.is_sharded(shown):
             x, zl = shown.to_local(), z.to_local()
-        keep = x.ne(0).to(self._workspace(x).dtype)
-        self._rank_survivors(term, p, zl, keep)
+        keep = torch.ne(x, 0, out=self._workspace(x))
+        self._rank_survivors(term, term.target, zl, keep)
         x.copy_(zl).mul_(keep)
         return shown
 
