@@ -278,6 +278,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         opt = make_optimizer(model, reg, "adam")
         losses = train(model, reg, opt, rank=rank, world=world, ctrl=make_controller(opt, "elements"))
         results["fsdp_target_adam"] = {"state": full_state(model), "losses": losses}
+        results["fsdp_average"] = average_run(shard(make_model(), mesh), rank, world)
         for name, kind, measure, target in FINAL:
             model = shard(make_model(), mesh)
             results[name] = finalize_run(model, kind, measure, target, rank, world)
@@ -322,6 +323,18 @@ def ranks(tmp_path_factory) -> list[dict]:
                 spawn(worker, str(out))
                 (out / "done").touch()
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def average_run(model: nn.Module, rank: int, world: int) -> dict:
+    """SGD under TargetSparsity, frozen at step 3: finalize() writes the average of steps 3-6."""
+    from sparsecraft.control import TargetSparsity
+
+    reg = l1_regularizer(model)
+    opt = make_optimizer(model, reg, "latent")
+    ctrl = TargetSparsity(opt, target=0.7, end_step=2, freeze_step=3, every=1)
+    losses = train(model, reg, opt, rank=rank, world=world, ctrl=ctrl)
+    fin = ctrl.finalize()
+    return {"state": full_state(model), "losses": losses, "averaged": fin["averaged"], "after": fin["after"]}
 
 
 def single(kind: str, regularizer, uneven: bool = False, target: str | None = None):
@@ -488,6 +501,19 @@ def test_fsdp_adam_under_the_controller_ranks_survivors_like_one_process(ranks):
             assert torch.equal(got["state"][n] == 0, w == 0), n
     zeros = sum(int((want[n] == 0).sum()) for n in ("0.weight", "2.weight", "4.weight"))
     assert zeros > 0
+
+
+def test_fsdp_average_of_the_fine_tuning_matches_one_process(ranks):
+    """TargetSparsity(average=...) averages each rank's shards: the weights one process averages."""
+    want = average_run(make_model(), rank=0, world=1)
+    assert want["averaged"] == STEPS - 3 + 1 and want["after"] == pytest.approx(0.7, abs=0.01)
+    for r in range(WORLD):
+        got = ranks[r]["fsdp_average"]
+        assert got["averaged"] == want["averaged"] and got["after"] == want["after"]
+        assert got["losses"] == pytest.approx(want["losses"], abs=1e-5)
+        assert_close_states(got["state"], want["state"])
+        for n, w in want["state"].items():
+            assert torch.equal(got["state"][n] == 0, w == 0), n
 
 
 @pytest.mark.parametrize("name,kind,measure,target", FINAL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ class FinalSelection(DensityFloor):
     """The final-selection part of :class:`~sparsecraft.control.TargetSparsity` (a base class)."""
 
     target: float
+    _average: Any  # an IterateAverage with average=True, else None (TargetSparsity sets it)
 
     def _units_of(self, tensors: Sequence[Tensor]) -> list[Units]:
         """What is counted, per owner: magnitudes (elements) or global group norms (groups)."""
@@ -85,23 +87,28 @@ class FinalSelection(DensityFloor):
 
         Returns:
             ``{"before", "after", "target", "zeroed", "revived", "largest_zeroed", "excess",
-            "short", "scale_before", "scale_after", "latent"}``: sparsity before
+            "short", "scale_before", "scale_after", "latent", "averaged"}``: sparsity before
             and after, units set to zero and brought back, the largest magnitude
             (or group norm) set to zero, zeros above and below the target, the
-            multiplier before and after, and 1.0 if the latent path was used.
+            multiplier before and after, 1.0 if the latent path was used, and
+            how many steps since the freeze the weights were averaged over
+            (``average``; 0 when they were not).
 
         Raises:
             ValueError: for parameters sharded and replicated at once (HSDP).
         """
         owners = self._owners()
         check_placements(owners)
+        # average=True: the weights become their average since the freeze (same zeros) first.
+        averaged = self._average.write() if self._average is not None and self._optimizer.support_frozen else 0
         before_units = self._units_of(owners)
         zero_before = [u.values == 0 for u in before_units]
         numel = sum(sizes(before_units))
         zeros = count(before_units, zero_before)
         wanted = round(self.target * numel)
         scale_before = self.scale
-        result = {"before": zeros / numel, "target": self.target, "scale_before": scale_before, "latent": 0.0}
+        result = {"before": zeros / numel, "target": self.target, "scale_before": scale_before, "latent": 0.0,
+                  "averaged": float(averaged)}
         if zeros != wanted:
             view = self._latent_view()
             if view is not None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._average import IterateAverage
 from ._ramp import _RAMPS
 
 _KEYS = {"step", "log_scale", "last_error", "gain_now", "trend", "measured", "target_now", "saturated",
          "base_scales", "config"}
 # Added with min_density; a checkpoint written before has none of them (defaults: no caps).
-_OPTIONAL = {"term_caps", "term_offsets"}
+# "average": the running average since the freeze (TargetSparsity(average=True)).
+_OPTIONAL = {"term_caps", "term_offsets", "average"}
 _CONFIG = {"target", "start_step", "end_step", "initial", "measure", "every", "gain", "drift", "ramp"}
-# Added later (a checkpoint written before has none of them): min_density; hold and freeze_step.
-_CONFIG_OPTIONAL = {"min_density", "hold", "freeze_step"}
+# Added later (a checkpoint written before has none of them): min_density; hold and freeze_step;
+# average.
+_CONFIG_OPTIONAL = {"min_density", "hold", "freeze_step", "average"}
 _MEASURES = ("elements", "groups")
 
 
@@ -100,6 +103,12 @@ def check_state(state: Any, n_terms: int, measure: str, ramp_is_callable: bool) 
         out["hold"] = cfg["hold"]
     if "freeze_step" in cfg:
         out["freeze_step"] = integer("freeze_step", cfg["freeze_step"], out["end_step"])
+    if "average" in cfg:
+        if not isinstance(cfg["average"], bool):
+            raise ValueError(f"Expected average to be a bool. Received: average={cfg['average']!r}")
+        if cfg["average"] and out.get("hold", "freeze") != "freeze":
+            raise ValueError(f"Expected hold='freeze' with average=True. Received: hold={out['hold']!r}")
+        out["average"] = cfg["average"]
     out["step"] = integer("step", state["step"], 0)
     out["log_scale"] = finite("log_scale", state["log_scale"])
     out["last_error"] = finite("last_error", state["last_error"], -1.0, 1.0)
@@ -153,8 +162,9 @@ class ControllerState:
             "config": {"target": self.target, "start_step": self.start_step, "end_step": self.end_step,
                        "initial": self.initial, "measure": self.measure, "every": self.every,
                        "gain": self.gain, "drift": self.drift, "min_density": self.min_density,
-                       "hold": self.hold, "freeze_step": self.freeze_step,
+                       "hold": self.hold, "freeze_step": self.freeze_step, "average": self.average,
                        "ramp": self.ramp if isinstance(self.ramp, str) else "callable"},
+            **({"average": self._average.state()} if self._average is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -169,6 +179,13 @@ class ControllerState:
                 ``measure``, or a state for another number of terms.
         """
         new = check_state(state_dict, len(self.terms), self.measure, callable(self.ramp))
+        average = None
+        if new.get("average", self.average) and new.get("hold", self.hold) == "freeze":
+            if self._optimizer is None:
+                raise ValueError("Expected a state with average=False for a controller on a Regularizer. "
+                                 "Received: average=True")
+            average = IterateAverage(self._trained())
+            average.load(state_dict.get("average", {"count": 0, "values": []}))  # checked before any change
         self.target, self.start_step, self.end_step = new["target"], new["start_step"], new["end_step"]
         self.initial, self.every = new["initial"], new["every"]
         self.gain, self.drift = new["gain"], new["drift"]
@@ -188,4 +205,5 @@ class ControllerState:
         self._base_scales = new["base_scales"]
         self._term_caps = new["term_caps"]
         self._term_offsets = new["term_offsets"]
+        self.average, self._average = average is not None, average
         self._apply_scale()

@@ -240,6 +240,7 @@ def run_target(
     hold: str | None = None,
     freeze_fraction: float | None = None,
     relaxed: bool | None = None,
+    average: bool | None = None,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -255,7 +256,9 @@ def run_target(
     strength). ``mode="auto"`` is the
     library's default: latent prox under the controller, shown relaxed (no
     shrinkage) for Adam/AdamW; ``relaxed`` overrides that choice (passed to
-    :class:`~sparsecraft.ProximalOptimizer`). ``lam`` is only the starting strength. With
+    :class:`~sparsecraft.ProximalOptimizer`). ``average`` is the controller's
+    (None: the average of the weights since the freeze on a model without
+    BatchNorm, written by ``finalize``). ``lam`` is only the starting strength. With
     ``finalize`` the controller's exact final selection runs at the end (the
     sparsity before it is in the details).
     """
@@ -272,7 +275,7 @@ def run_target(
     total = epochs * steps_per_epoch(data, batch_size)
     freeze = None if freeze_fraction is None else max(end, round(freeze_fraction * total))
     ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold,
-                          freeze_step=freeze)
+                          freeze_step=freeze, average=average)
     h = train(
         net,
         data,
@@ -312,6 +315,7 @@ def run_target(
             # only when given: a knob of sweeps (compare/summarize) next to the default
             **({"freeze_fraction": freeze_fraction} if freeze_fraction is not None else {}),
             **({"relaxed": relaxed} if relaxed is not None else {}),
+            **({"average": average} if average is not None else {}),
         },
         details,
     )

@@ -184,7 +184,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
         if self._auto and self.mode != "latent":
             self._start_latent()
         if self._relaxed_arg is None:
-            self.relaxed = self._rule in _BUILTIN_RULES or _unshrunk_sequence_model(self.regularizer.model)
+            self.relaxed = adaptive(self) or _unshrunk_sequence_model(self.regularizer.model)
 
     # -- binding -----------------------------------------------------------------------
     def _bind(self, reg: Regularizer) -> dict[Tensor, Term]:
@@ -395,6 +395,11 @@ def _unshrunk_sequence_model(model: torch.nn.Module | None) -> bool:
     if model is None:
         return False
     return any(isinstance(m, _SEQUENCE) for m in model.modules()) and not has_batchnorm(model)
+
+
+def adaptive(opt: ProximalOptimizer) -> bool:
+    """Whether ``opt`` wraps an adaptive optimizer (Adam, AdamW, Adagrad, RMSprop): a per-coordinate step."""
+    return opt._rule in _BUILTIN_RULES
 
 
 def has_batchnorm(model: torch.nn.Module | None) -> bool:
