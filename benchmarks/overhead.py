@@ -17,8 +17,10 @@ optimizer step), cases interleaved:
   For these the prox part (``opt.step()`` minus the inner ``step()``) is timed too.
 
 ``prox_only``: the prox part alone, timed directly: ``opt.step()`` with the
-inner step replaced by a no-op, from a real Adam/SGD state; and the reference
-pass, one memory pass over the weights, ``torch._foreach_mul_(w, 1.0)``.
+inner step replaced by a no-op, from a real Adam/SGD state; ``average_update``,
+the running average ``TargetSparsity(average=True)`` keeps after the freeze
+(one ``lerp_`` of every parameter per step); and the reference pass, one
+memory pass over the weights, ``torch._foreach_mul_(w, 1.0)``.
 ``--baseline FILE`` times the ``ProximalOptimizer`` of another version of
 ``optim.py`` the same way (before/after comparisons).
 
@@ -51,6 +53,7 @@ import torch
 from torch import nn
 
 from sparsecraft import optim as _optim
+from sparsecraft.control._average import IterateAverage
 from sparsecraft.regularizer import Regularizer
 
 BATCH = 256
@@ -213,6 +216,11 @@ def _one_setting(size: int, threads: int, quick: bool, fused: bool, baseline: Mo
                                   "prox_adam_latent": ("adam", "latent", False)}.items():
         only[name] = _prox_only(_optim, size, opt, mode, fz)
     only["prox_adam_relaxed"] = _prox_only(_optim, size, "adam", "latent", False, relaxed=True)
+    # TargetSparsity(average=...) after the freeze: one running-average update of every
+    # parameter per step (SGD's default; finalize() writes the average).
+    average = IterateAverage([p.detach() for p in _model(size).parameters()])
+    average.update()
+    only["average_update"] = average.update
     if fused:
         only["prox_adam_fused"] = _prox_only(_optim, size, "adam", "forward_backward", True)
     if baseline is not None:

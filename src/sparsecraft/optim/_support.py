@@ -100,7 +100,7 @@ class _Support:
         alone (power 1) was worse than ``|z|``.
         Cost: five memory passes for the score, the cut (:func:`_kth_smallest`)
         and two counts per tensor and step; on a 16.8 M-weight MLP on 2 CPU cores
-        the Adam step under the controller went from 139 to 213 ms
+        the Adam step under the controller goes from about 132 to 201 ms
         (docs/benchmarks.md, overhead).
         A sharded (FSDP2) parameter is ranked over all its shards
         (:func:`sparsecraft.distributed.top_k_mask`): the zeros one process makes.
