@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
+from ..optim._proximal import adaptive, has_batchnorm
 
-__all__ = ["IterateAverage"]
+__all__ = ["FineTuneAverage", "IterateAverage"]
 
 
 def _local(p: Tensor) -> Tensor:
@@ -99,3 +100,56 @@ class IterateAverage:
 
 def _dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+class FineTuneAverage:
+    """The ``average`` part of :class:`~sparsecraft.control.TargetSparsity` (a base class).
+
+    Reads the controller's ``hold``, ``_optimizer`` and ``_average`` (an
+    :class:`IterateAverage`, or None when ``average`` is off).
+    """
+
+    hold: str
+    _optimizer: Any
+    _average: IterateAverage | None
+
+    def _check_average(self, average: Any) -> bool | None:
+        if average is not None and not isinstance(average, bool):
+            raise TypeError(f"Expected average to be a bool or None. Received: average={average!r}")
+        if average and self.hold != "freeze":
+            raise ValueError(
+                "Expected hold='freeze' for average=True (the weights are averaged after the zeros are "
+                f"fixed). Received: hold={self.hold!r}"
+            )
+        return average
+
+    def _default_average(self) -> bool:
+        """On with ``hold="freeze"`` in latent mode, for SGD-like (not adaptive) optimizers and
+        a model without BatchNorm.
+
+        Measured (docs/optim.md, fifth round; paired over seeds against the last
+        weights): digits MLP with SGD at 99.7/99.8 % zeros +0.33/+0.39 point (10 and
+        20 seeds; 17 of 20 seeds gain or tie at 99.8 %), LSTM with SGD at 90/95/98 %
+        +1.6/+1.6/+0.5 (3 seeds), the transformer with SGD +0.0/+0.0/+0.1. Adaptive
+        optimizers take small normalised steps and were still improving at the end:
+        digits with AdamW −0.11 ± 0.05 at 99 % and −0.06 at 99.7 %, the transformer
+        −0.0/−1.1/−0.7, the LSTM +1.9/−0.2/+0.7, so they keep the last weights. On the
+        BN-CNN averaging without recomputing BatchNorm's statistics lost 1–15 points.
+        """
+        if self.hold != "freeze" or self._optimizer is None or self._optimizer.mode != "latent":
+            return False
+        model = self._optimizer.regularizer.model
+        return model is not None and not has_batchnorm(model) and not adaptive(self._optimizer)
+
+    def _trained(self) -> list[torch.Tensor]:
+        """Every parameter the optimizer trains (weights and biases): what ``average`` averages."""
+        return list({id(p): p for g in self._optimizer.param_groups for p in g["params"]}.values())
+
+    def _follow_average(self, frozen: bool) -> None:
+        """At every step: add the weights while the support is frozen, forget them once it is released."""
+        if self._average is None:
+            return
+        if frozen:
+            self._average.update()
+        elif self._average.count:
+            self._average.clear()  # the support was released: those steps were another network

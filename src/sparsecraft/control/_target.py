@@ -10,9 +10,9 @@ import torch
 
 from .. import distributed as _dist
 from ..optim import ProximalOptimizer
-from ..optim._proximal import adaptive, has_batchnorm
+from ..optim._proximal import has_batchnorm
 from ..regularizer import Regularizer, Term
-from ._average import IterateAverage
+from ._average import FineTuneAverage, IterateAverage
 from ._finalize import FinalSelection
 from ._law import StrengthLaw
 from ._ramp import _RAMPS, ramp_fraction
@@ -28,7 +28,7 @@ _HOLDS = ("freeze", "track")
 _HOLD_SHARE = 0.35
 
 
-class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
+class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAverage):
     """Adjusts the strength of prox terms during training so that sparsity follows a ramp to ``target``.
 
     What it measures: the fraction of exact zeros (``== 0``; shards of FSDP2
@@ -119,21 +119,17 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
             tensor's own strength is halved while it is below its minimum, so it
             hovers around it (measured: 4.9 % for a 5 % minimum).
         average: with ``hold="freeze"``, keep the average of the weights over
-            the steps after ``freeze_step`` (the k-th step after it weighs
-            k) and let :meth:`finalize` set the model to it. The zeros stay
-            zero (they are zero in every step averaged); the memory is one copy
-            of the optimizer's parameters. It pays when the fine-tuning has
-            reached the noise of its learning rate (SGD's lr chosen for the
-            dense network, on a network with a few hundred weights left); it
-            lags when the run ends while the loss still falls (tens of steps
+            the steps after ``freeze_step`` (the k-th step after it weighs k)
+            and let :meth:`finalize` set the model to it; the zeros stay zero.
+            It removes the noise of a learning rate chosen for the dense network
+            and lags when the run ends while the loss still falls (tens of steps
             after the freeze). Default (None): on in latent mode for SGD-like
-            optimizers (not Adam, AdamW, Adagrad, RMSprop) and a model without
-            BatchNorm, off elsewhere: BatchNorm's running statistics belong to
-            the last weights, not to their average (after ``average=True`` on
-            such a model, recompute them, e.g. with
-            ``torch.optim.swa_utils.update_bn``), and a controller on bare
-            tensors may be solving a deterministic problem, where the last
-            step is the best. Measured in :meth:`_default_average`.
+            optimizers (not Adam, AdamW, Adagrad, RMSprop) on a model without
+            BatchNorm, whose running statistics belong to the last weights (with
+            ``average=True`` there, recompute them, e.g.
+            ``torch.optim.swa_utils.update_bn``); off on bare tensors, where the
+            problem may be deterministic. One copy of the optimizer's parameters;
+            measured in :meth:`_default_average` and docs/control.md.
 
     A ProximalOptimizer built with the default ``mode="auto"`` switches to the
     latent mode when the controller is built (the controlled path that measured
@@ -215,14 +211,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
                 "Received: a Regularizer; pass the ProximalOptimizer, or hold='track'"
             )
         self.hold = hold or ("freeze" if self._optimizer is not None else "track")
-        if average is not None and not isinstance(average, bool):
-            raise TypeError(f"Expected average to be a bool or None. Received: average={average!r}")
-        if average and self.hold != "freeze":
-            raise ValueError(
-                "Expected hold='freeze' for average=True (the weights are averaged after the zeros are "
-                f"fixed). Received: hold={self.hold!r}"
-            )
-        self.average = average  # None: resolved once the optimizer's mode is known (below)
+        self.average = self._check_average(average)  # None: resolved once the optimizer's mode is known
         # Default (None): set once the optimizer's mode is known (below).
         self.freeze_step = None if freeze_step is None else integer("freeze_step", freeze_step,
                                                                      minimum=self.end_step)
@@ -295,28 +284,6 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
         if model is None or has_batchnorm(model):
             return self.end_step
         return self.end_step + round(_HOLD_SHARE * (self.end_step - self.start_step))
-
-    def _default_average(self) -> bool:
-        """On with ``hold="freeze"`` in latent mode, for SGD-like (not adaptive) optimizers and
-        a model without BatchNorm.
-
-        Measured (docs/optim.md, fifth round; paired over seeds against the last
-        weights): digits MLP with SGD at 99.7/99.8 % zeros +0.33/+0.39 point (10 and
-        20 seeds; 17 of 20 seeds gain or tie at 99.8 %), LSTM with SGD at 90/95/98 %
-        +1.6/+1.6/+0.5 (3 seeds), the transformer with SGD +0.0/+0.0/+0.1. Adaptive
-        optimizers take small normalised steps and were still improving at the end:
-        digits with AdamW −0.11 ± 0.05 at 99 % and −0.06 at 99.7 %, the transformer
-        −0.0/−1.1/−0.7, the LSTM +1.9/−0.2/+0.7, so they keep the last weights. On the
-        BN-CNN averaging without recomputing BatchNorm's statistics lost 1–15 points.
-        """
-        if self.hold != "freeze" or self._optimizer is None or self._optimizer.mode != "latent":
-            return False
-        model = self._optimizer.regularizer.model
-        return model is not None and not has_batchnorm(model) and not adaptive(self._optimizer)
-
-    def _trained(self) -> list[torch.Tensor]:
-        """Every parameter the optimizer trains (weights and biases): what ``average`` averages."""
-        return list({id(p): p for g in self._optimizer.param_groups for p in g["params"]}.values())
 
     def _settings(self) -> dict[str, Any]:
         """What every rank must agree on (compared by hash at construction)."""
@@ -433,13 +400,9 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
         self._step += 1
         t = self._step
         frozen = self._optimizer is not None and self._optimizer.support_frozen
-        if self._average is not None and not frozen and self._average.count:
-            self._average.clear()  # the support was released: those steps were another network
+        self._follow_average(frozen)
         if frozen:
-            # hold="freeze" after freeze_step: the zeros are fixed, nothing to steer.
-            if self._average is not None:
-                self._average.update()
-            return
+            return  # hold="freeze" after freeze_step: the zeros are fixed, nothing to steer
         if t == self.freeze_step and self.hold == "freeze":
             # The controller's last update first (latent mode: the strength solved for the
             # target, so final_selection["before"] says where the controller landed, not the
@@ -451,8 +414,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection):
                 self._track(view, self._aim(t))
             self.final_selection = self.finalize()
             self._optimizer.freeze_support()
-            if self._average is not None:
-                self._average.update()  # the weights at the cut: the average's start (weight 0)
+            self._follow_average(True)  # the weights at the cut: the average's start (weight 0)
             return
         if t < self.start_step or ((t - self.start_step) % self.every and t != self.end_step):
             return
