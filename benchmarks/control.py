@@ -22,6 +22,9 @@ steps, then held; initial λ = 1e-2), through ``experiments.run_target``:
   sparsity constraint, when torchao is installed) with the same optimizer,
   epochs and ramp, 10 seeds (its goals are stated at 0.5 point; one test image
   is 0.22 point).
+* average: SGD at 0.998, seeds 0, 1, 2, test accuracy of the last weights and
+  of their running average (``TargetSparsity(average=...)``, SGD's default)
+  at every epoch after the freeze, and at the end; ``control_average.png``.
 
 The default runs in "targets" use the library's defaults (``mode="auto"``:
 latent prox under the controller; ``hold="freeze"``); "sparsity reached by the
@@ -38,6 +41,7 @@ keeps the others of an existing results file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -46,8 +50,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from sparsecraft import datasets, experiments, report
 from sparsecraft.control import TargetSparsity, path
@@ -71,7 +79,7 @@ FULL = {"targets": (0.5, 0.8, 0.9, 0.95, 0.98, 0.99), "seeds": (0, 1, 2), "optim
                       "n_train": 16384, "epochs": 60})}
 # issue 12: per optimizer, the targets of its goals (digits MLP, lr: make_optimizer's defaults).
 OPTIMIZERS = {"adam": (0.99, 0.997), "adamw": (0.99, 0.997), "sgd": (0.99, 0.997, 0.998)}
-PARTS = ("targets", "groups", "teachers", "path", "optimizers")
+PARTS = ("targets", "groups", "teachers", "path", "optimizers", "average")
 QUICK = {"targets": (0.9, 0.99), "seeds": (0,), "epochs": 6, "path": (1e-2, 5e-2), "path_epochs": 2,
          "teachers": ({"name": "linear regression", "hidden": (), "task": "regression", "n_train": 2048,
                        "epochs": 6},)}
@@ -196,6 +204,10 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
         t0 = time.perf_counter()
         out["optimizers"] = _optimizers_part(data, cfg)
         out["parts_seconds"]["optimizers"] = time.perf_counter() - t0
+    if "average" in parts:
+        t0 = time.perf_counter()
+        out["average"] = _average_part(data, cfg, figures / f"{stem}_average.png")
+        out["parts_seconds"]["average"] = time.perf_counter() - t0
     out["seconds"] = time.perf_counter() - t_all
     # The parts not re-run keep their numbers: the file is read again just before writing,
     # so two processes running different parts both land.
@@ -246,6 +258,60 @@ def _targets_part(data, cfg, out, figures, stem) -> None:
         "peer_torchao_pat_at_0.99": {"accuracy": 0.9769, "dense": 0.9759, "source": "issue text"},
     }
     out["_figure_runs"] = {"best": at_top[0]["_result"], "latent": latent, "fb": fb_top + fb_rest}
+
+
+def _average_part(data, cfg, png: Path) -> dict[str, Any]:
+    """SGD at 99.8 %: test accuracy of the last weights and of their running average, epoch by
+    epoch after the freeze (``TargetSparsity(average=...)``, SGD's default), and at the end."""
+    target, seeds = (0.998, (0, 1, 2)) if cfg is FULL else (0.99, (0,))
+    epochs = cfg["epochs"]
+    rows = []
+    for seed in seeds:
+        model = experiments.build_model(data, (256, 256), seed)
+        reg = Regularizer(model)
+        reg.add_weight((nn.Linear, "weight"), "l1:1e-2")
+        opt = ProximalOptimizer(experiments.make_optimizer("sgd", model.parameters()), reg)
+        n = epochs * experiments.steps_per_epoch(data)
+        ctrl = TargetSparsity(opt, target=target, end_step=2 * n // 3)
+        curve = []
+
+        def on_epoch(epoch, record, model=model, ctrl=ctrl, curve=curve):
+            average = ctrl._average  # the running average the controller keeps (read only)
+            if average is None or not average.count:
+                return
+            shadow = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, a in zip(shadow.parameters(), average.values, strict=True):
+                    p.copy_(a)
+            curve.append({"epoch": epoch + 1, "last": record["metric"],
+                          "average": experiments.evaluate(shadow, data)})
+
+        experiments.train(model, data, opt, epochs=epochs, regularizer=reg, controller=ctrl, seed=seed,
+                          on_epoch=on_epoch)
+        last = experiments.evaluate(model, data)
+        fin = ctrl.finalize()
+        rows.append({"seed": seed, "freeze_epoch": ctrl.freeze_step / experiments.steps_per_epoch(data),
+                     "accuracy_last": last, "accuracy_average": experiments.evaluate(model, data),
+                     "averaged_steps": fin["averaged"], "sparsity": fin["after"], "epochs": curve})
+    fig, ax = plt.subplots(figsize=(8.4, 3.6))
+    for i, r in enumerate(rows):
+        xs = [c["epoch"] for c in r["epochs"]]
+        color = f"C{i}"
+        ax.plot(xs, [100 * c["last"] for c in r["epochs"]], color=color, alpha=0.6,
+                label=f"seed {r['seed']}: last weights")
+        ax.plot(xs, [100 * c["average"] for c in r["epochs"]], color=color, linestyle="--", linewidth=2,
+                label=f"seed {r['seed']}: average since the freeze")
+    ax.set_xlabel("epoch (after the zeros are fixed)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"digits MLP, SGD lr 0.05, {100 * target:g} % zeros: the fine-tuning")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return {"target": target, "seeds": list(seeds), "runs": rows,
+            "accuracy_last_mean": _mean([r["accuracy_last"] for r in rows]),
+            "accuracy_average_mean": _mean([r["accuracy_average"] for r in rows]),
+            "figure": os.path.relpath(png, HERE.parent)}
 
 
 def _figures(out, figures, stem) -> None:
