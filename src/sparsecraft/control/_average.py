@@ -94,8 +94,9 @@ class IterateAverage:
                 f"Expected average values matching the optimizer's parameters (shape, dtype): {want}. "
                 f"Received: {got}"
             )
+        params = self.params if count else []
         self.count = count
-        self.values = [v.detach().to(_local(p).device, copy=True) for v, p in zip(values, self.params if count else [], strict=True)]
+        self.values = [v.detach().to(_local(p).device, copy=True) for v, p in zip(values, params, strict=True)]
 
 
 def _dtype(p: Tensor) -> torch.dtype:
