@@ -70,7 +70,7 @@ def test_the_default_averages_sgd_without_batchnorm_in_latent_mode(case, expecte
     _, opt = _setup(opt_cls, model=model, mode=mode)
     ctrl = TargetSparsity(opt, target=0.5, end_step=10, hold="track" if case == "track" else None)
     assert ctrl.average is expected and (ctrl._average is not None) is expected
-    assert TargetSparsity(opt, target=0.5, end_step=10, average=False).average is False or case == "track"
+    assert TargetSparsity(opt, target=0.5, end_step=10, average=False)._average is None  # off when asked
 
 
 def test_the_default_is_off_on_a_regularizer_and_on_bare_tensors():
@@ -156,10 +156,7 @@ def test_releasing_the_support_forgets_the_average():
     for x, y in batches[8:]:
         _step(model, opt, x, y)
         ctrl.step()
-    last = [p.detach().clone() for p in model.parameters()]
     assert ctrl._average.count == 0 and ctrl.finalize()["averaged"] == 0.0
-    for p, v in zip(model.parameters(), last, strict=True):
-        assert torch.equal(p, v) or (p == 0).sum() >= (v == 0).sum()  # only finalize's exact count
 
 
 def test_the_average_of_noisy_sgd_lands_nearer_the_least_squares_fit_than_the_last_step():
