@@ -22,15 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import distributed as _dist
 from ..optim._proximal import adaptive, has_batchnorm
+from ._select import _local
 
 __all__ = ["FineTuneAverage", "IterateAverage"]
-
-
-def _local(p: Tensor) -> Tensor:
-    """This rank's part of ``p`` (an FSDP2 shard) or ``p`` itself."""
-    return p.to_local() if _dist._is_dtensor(p) else p
 
 
 class IterateAverage:
