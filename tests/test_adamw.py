@@ -198,8 +198,9 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
     zeros, numel = count_zeros(_weights(model))
     assert opt.support_frozen and zeros == round(0.8 * numel)
     assert ctrl.final_selection is not None and ctrl.final_selection["after"] == zeros / numel
-    fin = ctrl.finalize()
-    assert fin["zeroed"] == 0.0 and fin["averaged"] == 0.0  # already exact; AdamW keeps its last weights
+    # The fine-tuning's defaults: lr × 1/sqrt(1 − 0.8), in the checkpoint, and the average.
+    assert opt._lr_scale == pytest.approx(5 ** 0.5) and state[0]["prox"]["lr_scale"] == opt._lr_scale
+    assert opt.param_groups[0]["lr"] == 1e-2  # the user's lr, scaled inside the step only
     # A fresh mode="auto" optimizer loads the latent state and the frozen masks (before a controller).
     m2, _, o2 = _setup()
     o2.load_state_dict(state[0])
@@ -214,6 +215,10 @@ def test_hold_freeze_makes_the_target_exact_and_fixes_the_zeros_then_resumes_fro
         c2.step()
     for a, b in zip(model.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
+    fin, fin2 = ctrl.finalize(), c2.finalize()
+    assert fin["zeroed"] == 0.0 and fin["averaged"] == fin2["averaged"] == 45 - 40 + 1  # exact already
+    for a, b in zip(model.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)  # the same average
 
 
 def test_finalize_after_the_freeze_moves_the_frozen_support_with_it():

@@ -56,13 +56,13 @@ def test_finalize_writes_the_iterates_since_the_freeze_weighted_by_their_age():
     "case, expected",
     [
         ("sgd", True),
-        ("adamw", False),  # adaptive: keeps the last weights
+        ("adamw", True),  # with the larger fine-tuning steps of fine_tune_scale
         ("batchnorm", False),  # running statistics belong to the last weights
         ("track", False),  # no freeze, nothing to average
         ("forward_backward", False),
     ],
 )
-def test_the_default_averages_sgd_without_batchnorm_in_latent_mode(case, expected):
+def test_the_default_averages_without_batchnorm_in_latent_mode(case, expected):
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)) \
         if case == "batchnorm" else None
     opt_cls = torch.optim.AdamW if case == "adamw" else torch.optim.SGD

@@ -20,8 +20,8 @@ _KEYS = {"step", "log_scale", "last_error", "gain_now", "trend", "measured", "ta
 _OPTIONAL = {"term_caps", "term_offsets", "average"}
 _CONFIG = {"target", "start_step", "end_step", "initial", "measure", "every", "gain", "drift", "ramp"}
 # Added later (a checkpoint written before has none of them): min_density; hold and freeze_step;
-# average.
-_CONFIG_OPTIONAL = {"min_density", "hold", "freeze_step", "average"}
+# average; fine_tune_scale.
+_CONFIG_OPTIONAL = {"min_density", "hold", "freeze_step", "average", "fine_tune_scale"}
 _MEASURES = ("elements", "groups")
 
 
@@ -109,6 +109,12 @@ def check_state(state: Any, n_terms: int, measure: str, ramp_is_callable: bool) 
         if cfg["average"] and out.get("hold", "freeze") != "freeze":
             raise ValueError(f"Expected hold='freeze' with average=True. Received: hold={out['hold']!r}")
         out["average"] = cfg["average"]
+    if "fine_tune_scale" in cfg:
+        scale = finite("fine_tune_scale", cfg["fine_tune_scale"], 0.0)
+        if scale == 0 or (scale != 1 and out.get("hold", "freeze") != "freeze"):
+            raise ValueError(f"Expected fine_tune_scale > 0, and 1 unless hold='freeze'. Received: "
+                             f"fine_tune_scale={scale!r}, hold={out.get('hold', 'freeze')!r}")
+        out["fine_tune_scale"] = scale
     out["step"] = integer("step", state["step"], 0)
     out["log_scale"] = finite("log_scale", state["log_scale"])
     out["last_error"] = finite("last_error", state["last_error"], -1.0, 1.0)
@@ -163,6 +169,7 @@ class ControllerState:
                        "initial": self.initial, "measure": self.measure, "every": self.every,
                        "gain": self.gain, "drift": self.drift, "min_density": self.min_density,
                        "hold": self.hold, "freeze_step": self.freeze_step, "average": self.average,
+                       "fine_tune_scale": self.fine_tune_scale,
                        "ramp": self.ramp if isinstance(self.ramp, str) else "callable"},
             **({"average": self._average.state()} if self._average is not None else {}),
         }
@@ -192,6 +199,7 @@ class ControllerState:
         self.min_density = new.get("min_density", self.min_density)
         self.hold = new.get("hold", self.hold)
         self.freeze_step = new.get("freeze_step", self.freeze_step)
+        self.fine_tune_scale = new.get("fine_tune_scale", self.fine_tune_scale)
         if "ramp" in new:
             self.ramp = new["ramp"]
         self._step = new["step"]

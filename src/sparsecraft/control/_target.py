@@ -12,7 +12,7 @@ from .. import distributed as _dist
 from ..optim import ProximalOptimizer
 from ..optim._proximal import has_batchnorm
 from ..regularizer import Regularizer, Term
-from ._average import FineTuneAverage, IterateAverage
+from ._average import FineTuning
 from ._finalize import FinalSelection
 from ._law import StrengthLaw
 from ._ramp import _RAMPS, ramp_fraction
@@ -28,7 +28,7 @@ _HOLDS = ("freeze", "track")
 _HOLD_SHARE = 0.35
 
 
-class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAverage):
+class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuning):
     """Adjusts the strength of prox terms during training so that sparsity follows a ramp to ``target``.
 
     What it measures: the fraction of exact zeros (``== 0``; shards of FSDP2
@@ -50,10 +50,8 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
     the controller is built): the dense latent copies give the sparsity at any
     strength without a step, so every update *solves* ``m`` (bisection in log
     space) to within 1 % of the non-zeros ``s_t`` leaves (at most 0.05 point of
-    sparsity), and shows the model that prox. Measured against the feedback
-    law below (docs/optim.md): the same or better on digits, the BN-CNN and
-    the LSTM, and no lag on short runs (a 3-epoch transformer with AdamW at
-    95 %: 66.4 % vs 38.3 %).
+    sparsity), and shows the model that prox (measured against the feedback
+    law below in docs/optim.md: no lag on short runs).
 
     Forward–backward mode, or a Regularizer: weights that cross zero flicker
     in and out of the count and there is no latent copy to solve on, so it
@@ -122,18 +120,17 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
             the steps after ``freeze_step`` (the k-th step after it weighs k)
             and let :meth:`finalize` set the model to it; the zeros stay zero.
             It removes the noise of a learning rate chosen for the dense network
-            and lags when the run ends while the loss still falls (tens of steps
-            after the freeze). Default (None): on in latent mode for SGD-like
-            optimizers (not Adam, AdamW, Adagrad, RMSprop) on a model without
-            BatchNorm, whose running statistics belong to the last weights (with
-            ``average=True`` there, recompute them, e.g.
-            ``torch.optim.swa_utils.update_bn``); off on bare tensors, where the
-            problem may be deterministic. One copy of the optimizer's parameters;
-            measured in :meth:`_default_average` and docs/control.md.
-
-    A ProximalOptimizer built with the default ``mode="auto"`` switches to the
-    latent mode when the controller is built (the controlled path that measured
-    best for SGD and Adam/AdamW).
+            and lags when the run ends while the loss still falls. Default
+            (None): on in latent mode on a model without BatchNorm (whose
+            running statistics belong to the last weights: with ``average=True``
+            there, recompute them, e.g. ``torch.optim.swa_utils.update_bn``);
+            off on bare tensors. One copy of the optimizer's parameters.
+        fine_tune_scale: with ``hold="freeze"``, the multiplier of every param
+            group's learning rate after ``freeze_step``
+            (:meth:`~sparsecraft.ProximalOptimizer.freeze_support`'s ``lr_scale``).
+            Default (None): ``1/sqrt(1 − target)`` for Adam, AdamW, Adagrad and
+            RMSprop where ``average`` defaults to on, 1 elsewhere. Both defaults
+            are measured in :meth:`_default_average`, :meth:`_default_fine_tune_scale`.
 
     Under ``torch.distributed`` the constructor, :meth:`step`,
     :meth:`measure_now` and :meth:`finalize` are collectives (every rank calls
@@ -145,7 +142,8 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
         ValueError: ``target`` outside (0, 1), a ramp that ends before it
             starts, ``every``/``gain``/``drift``/``min_density`` out of range,
             a ``min_density`` that leaves fewer zeros than the target needs,
-            ``average=True`` without ``hold="freeze"``,
+            ``average=True`` or ``fine_tune_scale`` without ``hold="freeze"``,
+            a ``fine_tune_scale`` that is not a finite number > 0,
             terms that cannot make zeros, nothing to control, or settings that
             differ between ranks (raised on every rank, naming the rank).
         TypeError: a source that is neither a ProximalOptimizer nor a Regularizer,
@@ -177,6 +175,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
         freeze_step: int | None = None,
         min_density: float = 0.0,
         average: bool | None = None,
+        fine_tune_scale: float | None = None,
     ):
         self.target = fraction_open("target", target)
         self.initial = fraction_from_zero("initial", initial)
@@ -211,7 +210,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
                 "Received: a Regularizer; pass the ProximalOptimizer, or hold='track'"
             )
         self.hold = hold or ("freeze" if self._optimizer is not None else "track")
-        self.average = self._check_average(average)  # None: resolved once the optimizer's mode is known
+        self._check_fine_tuning(average, fine_tune_scale)  # None: resolved once the mode is known
         # Default (None): set once the optimizer's mode is known (below).
         self.freeze_step = None if freeze_step is None else integer("freeze_step", freeze_step,
                                                                      minimum=self.end_step)
@@ -256,9 +255,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
             self._optimizer._steer()  # mode "auto": the latent mode from here on
         if self.freeze_step is None:
             self.freeze_step = self._default_freeze_step()
-        if average is None:
-            self.average = self._default_average()
-        self._average = IterateAverage(self._trained()) if self.average else None
+        self._resolve_fine_tuning()
         self.final_selection: dict[str, float] | None = None
 
     def _default_freeze_step(self) -> int:
@@ -292,6 +289,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
             "target": self.target, "start_step": self.start_step, "end_step": self.end_step,
             "initial": self.initial, "every": self.every, "gain": self.gain, "drift": self.drift,
             "min_density": self.min_density, "measure": self.measure, "mode": mode, "average": self.average,
+            "fine_tune_scale": self.fine_tune_scale,
             "ramp": self.ramp if isinstance(self.ramp, str) else "callable",
             "terms": [(t.name, tuple(t.target.shape)) for t in self.terms],
             "strengths": [(t.penalty.name, t.penalty.get_config(), t.scale) for t in self.terms],
@@ -413,7 +411,7 @@ class TargetSparsity(ControllerState, StrengthLaw, FinalSelection, FineTuneAvera
             if view is not None:
                 self._track(view, self._aim(t))
             self.final_selection = self.finalize()
-            self._optimizer.freeze_support()
+            self._optimizer.freeze_support(lr_scale=self.fine_tune_scale)
             self._follow_average(True)  # the weights at the cut: the average's start (weight 0)
             return
         if t < self.start_step or ((t - self.start_step) % self.every and t != self.end_step):

@@ -241,6 +241,7 @@ def run_target(
     freeze_fraction: float | None = None,
     relaxed: bool | None = None,
     average: bool | None = None,
+    fine_tune_scale: float | None = None,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -256,9 +257,10 @@ def run_target(
     strength). ``mode="auto"`` is the
     library's default: latent prox under the controller, shown relaxed (no
     shrinkage) for Adam/AdamW; ``relaxed`` overrides that choice (passed to
-    :class:`~sparsecraft.ProximalOptimizer`). ``average`` is the controller's
-    (None: the average of the weights since the freeze on a model without
-    BatchNorm, written by ``finalize``). ``lam`` is only the starting strength. With
+    :class:`~sparsecraft.ProximalOptimizer`). ``average`` and ``fine_tune_scale``
+    are the controller's (None: on a model without BatchNorm, the average of the
+    weights since the freeze, written by ``finalize``, and for Adam/AdamW the
+    learning rate × ``1/sqrt(1 − target)`` after the freeze). ``lam`` is only the starting strength. With
     ``finalize`` the controller's exact final selection runs at the end (the
     sparsity before it is in the details).
     """
@@ -275,7 +277,7 @@ def run_target(
     total = epochs * steps_per_epoch(data, batch_size)
     freeze = None if freeze_fraction is None else max(end, round(freeze_fraction * total))
     ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold,
-                          freeze_step=freeze, average=average)
+                          freeze_step=freeze, average=average, fine_tune_scale=fine_tune_scale)
     h = train(
         net,
         data,
@@ -316,6 +318,7 @@ def run_target(
             **({"freeze_fraction": freeze_fraction} if freeze_fraction is not None else {}),
             **({"relaxed": relaxed} if relaxed is not None else {}),
             **({"average": average} if average is not None else {}),
+            **({"fine_tune_scale": fine_tune_scale} if fine_tune_scale is not None else {}),
         },
         details,
     )

@@ -166,6 +166,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
         # (model.load_state_dict, an in-place op, threshold()): the latent copy follows.
         self._versions: dict[Tensor, int] = {}
         self._masks: dict[Tensor, Tensor] = {}  # the frozen support (freeze_support)
+        self._lr_scale = 1.0  # the frozen support's learning-rate multiplier (freeze_support)
         self._group_cache: dict[Tensor, dict] = {}  # parameter -> its param group (_group_of)
         if mode == "latent":
             self._start_latent()
@@ -329,6 +330,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
                 "typical": {index[p]: t.clone() for p, t in self._typical.items()},
                 "floor_steps": {index[p]: n for p, n in self._floor_steps.items()},
                 "masks": self._support_state(index),
+                "lr_scale": self._lr_scale,
             },
         }
 
@@ -355,6 +357,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
         try:
             checked = check_state_dict(self, state_dict)
             masks = self._load_support(prox.get("masks", {}), self._params())
+            lr_scale = self._check_lr_scale(prox.get("lr_scale", 1.0))
         except ValueError:
             if switched:
                 self.mode = "forward_backward"
@@ -375,6 +378,7 @@ class ProximalOptimizer(_Support, _ProxStep, torch.optim.Optimizer):
         self._floor_steps = checked.floor_steps
         self._versions.clear()  # the latent copies just loaded define the weights
         self._masks = masks
+        self._lr_scale = lr_scale if masks else 1.0
 
     def __repr__(self) -> str:
         return (f"ProximalOptimizer({type(self.inner).__name__}, mode={self.mode!r}, "

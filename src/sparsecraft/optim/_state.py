@@ -24,7 +24,7 @@ _PARAM_SHAPED = frozenset({
     "grad_avg", "acc_delta", "exp_inf", "ax", "prev", "step_size",
 })
 _PROX_KEYS = {"mode", "floor", "latent", "gamma"}
-_PROX_OPTIONAL = {"typical", "floor_steps", "masks"}  # written since the floor / frozen support
+_PROX_OPTIONAL = {"typical", "floor_steps", "masks", "lr_scale"}  # written since the floor / frozen support
 
 
 class CheckedState(NamedTuple):

@@ -18,11 +18,14 @@ Two measured fixes for adaptive optimizers and for the end of a sparsity ramp
   penalty and no gradient reaches the zeros. :class:`~sparsecraft.control.TargetSparsity`
   calls it when its ramp ends. On a BatchNorm CNN the changing support kept
   BatchNorm's running statistics stale (76 % test accuracy in eval mode at 90 %
-  zeros); with the support frozen for the last third 95.4 %.
+  zeros); with the support frozen for the last third 95.4 %. ``lr_scale``
+  multiplies the learning rate of that fine-tuning (the controller's
+  ``fine_tune_scale``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,6 +58,7 @@ class _Support:
     _gamma: dict[Tensor, float]
     _versions: dict[Tensor, int]
     _masks: dict[Tensor, Tensor]
+    _lr_scale: float
     _group_cache: dict[Tensor, dict]
 
     def _show_latent(self, term: Term, p: Tensor, step: float) -> None:
@@ -153,7 +157,7 @@ class _Support:
         return bool(self._masks)
 
     @torch.no_grad()
-    def freeze_support(self, frozen: bool = True) -> None:
+    def freeze_support(self, frozen: bool = True, *, lr_scale: float = 1.0) -> None:
         """Fix the zero pattern of the penalised parameters (or release it with ``frozen=False``).
 
         While frozen, a step is the inner optimizer's step on the weights the
@@ -165,13 +169,23 @@ class _Support:
 
         Args:
             frozen: True to fix the current zeros, False to release them.
+            lr_scale: while frozen, every param group's learning rate is multiplied
+                by it for the inner step (and restored after it, so schedulers and
+                ``state_dict`` see the user's values). Released: back to 1.
+
+        Raises:
+            TypeError: ``frozen`` is not a bool.
+            ValueError: ``lr_scale`` is not a finite number > 0, or is not 1 for an
+                inner optimizer whose param groups have no ``lr``.
         """
         if not isinstance(frozen, bool):
             raise TypeError(f"Expected frozen to be a bool. Received: frozen={frozen!r}")
         if frozen:
+            self._lr_scale = self._check_lr_scale(lr_scale)
             self._masks = {p: p.ne(0) for p in self._terms}
             return
         self._masks = {}
+        self._lr_scale = 1.0
         for p, z in self._latent.items():
             z.copy_(p)
             self._gamma[p] = 0.0
@@ -186,12 +200,32 @@ class _Support:
             if p.grad is not None:
                 p.grad.mul_(keep)
         # The closure ran above: the gradients it made are the masked ones the inner step uses.
-        self.inner.step()
+        scaled = self.inner.param_groups if self._lr_scale != 1.0 else []
+        lrs = [g["lr"] for g in scaled]
+        try:  # lr_scale: for this step only; schedulers and state_dict see the user's lr
+            for g, lr in zip(scaled, lrs, strict=True):
+                g["lr"] = lr * self._lr_scale
+            self.inner.step()
+        finally:
+            for g, lr in zip(scaled, lrs, strict=True):
+                g["lr"] = lr
         for p, keep in self._masks.items():
             p.mul_(keep)
             if p in self._versions:
                 self._versions[p] = p._version
         return loss
+
+    def _check_lr_scale(self, lr_scale: Any) -> float:
+        ok = isinstance(lr_scale, (int, float)) and not isinstance(lr_scale, bool) \
+            and math.isfinite(lr_scale) and lr_scale > 0
+        if not ok:
+            raise ValueError(f"Expected lr_scale as a finite number > 0. Received: lr_scale={lr_scale!r}")
+        if lr_scale != 1 and not all("lr" in g for g in self.inner.param_groups):
+            raise ValueError(
+                f"Expected param groups with an 'lr' for lr_scale={lr_scale!r}. Received: "
+                f"{type(self.inner).__name__} param groups with keys {sorted(self.inner.param_groups[0])}"
+            )
+        return float(lr_scale)
 
     def _support_state(self, index: dict[Tensor, int]) -> dict[int, Tensor]:
         return {index[p]: m.clone() for p, m in self._masks.items()}
