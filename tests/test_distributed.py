@@ -279,6 +279,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         losses = train(model, reg, opt, rank=rank, world=world, ctrl=make_controller(opt, "elements"))
         results["fsdp_target_adam"] = {"state": full_state(model), "losses": losses}
         results["fsdp_average"] = average_run(shard(make_model(), mesh), rank, world)
+        results["fsdp_average_adam"] = average_run(shard(make_model(), mesh), rank, world, adam=True)
         for name, kind, measure, target in FINAL:
             model = shard(make_model(), mesh)
             results[name] = finalize_run(model, kind, measure, target, rank, world)
@@ -325,16 +326,19 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def average_run(model: nn.Module, rank: int, world: int) -> dict:
-    """SGD under TargetSparsity, frozen at step 3: finalize() writes the average of steps 3-6."""
+def average_run(model: nn.Module, rank: int, world: int, adam: bool = False) -> dict:
+    """SGD (or Adam, with its fine-tuning lr × 1/sqrt(0.3)) under TargetSparsity, frozen at step 3:
+    finalize() writes the average of steps 3-6."""
     from sparsecraft.control import TargetSparsity
 
     reg = l1_regularizer(model)
-    opt = make_optimizer(model, reg, "latent")
+    opt = ProximalOptimizer(torch.optim.Adam(model.parameters(), lr=2e-2), reg, mode="latent") if adam \
+        else make_optimizer(model, reg, "latent")
     ctrl = TargetSparsity(opt, target=0.7, end_step=2, freeze_step=3, every=1)
     losses = train(model, reg, opt, rank=rank, world=world, ctrl=ctrl)
     fin = ctrl.finalize()
-    return {"state": full_state(model), "losses": losses, "averaged": fin["averaged"], "after": fin["after"]}
+    return {"state": full_state(model), "losses": losses, "averaged": fin["averaged"], "after": fin["after"],
+            "scale": ctrl.fine_tune_scale}
 
 
 def single(kind: str, regularizer, uneven: bool = False, target: str | None = None):
@@ -503,12 +507,15 @@ def test_fsdp_adam_under_the_controller_ranks_survivors_like_one_process(ranks):
     assert zeros > 0
 
 
-def test_fsdp_average_of_the_fine_tuning_matches_one_process(ranks):
-    """TargetSparsity(average=...) averages each rank's shards: the weights one process averages."""
-    want = average_run(make_model(), rank=0, world=1)
+@pytest.mark.parametrize("name", ["fsdp_average", "fsdp_average_adam"])
+def test_fsdp_average_of_the_fine_tuning_matches_one_process(ranks, name):
+    """TargetSparsity(average=...) averages each rank's shards: the weights one process averages
+    (with Adam, fine-tuned at the scaled lr)."""
+    want = average_run(make_model(), rank=0, world=1, adam=name.endswith("adam"))
     assert want["averaged"] == STEPS - 3 + 1 and want["after"] == pytest.approx(0.7, abs=0.01)
+    assert want["scale"] == (pytest.approx(0.3 ** -0.5) if name.endswith("adam") else 1.0)
     for r in range(WORLD):
-        got = ranks[r]["fsdp_average"]
+        got = ranks[r][name]
         assert got["averaged"] == want["averaged"] and got["after"] == want["after"]
         assert got["losses"] == pytest.approx(want["losses"], abs=1e-5)
         assert_close_states(got["state"], want["state"])

@@ -175,15 +175,16 @@ class FineTuning:
     def _default_fine_tune_scale(self) -> float:
         """``1/sqrt(1 − target)`` for adaptive optimizers where the average is on; 1 elsewhere.
 
-        Measured (docs/optim.md, sixth round; digits AdamW at 99.7 %, 10 seeds, paired
-        against the last weights at the user's lr): the lr × 3 / 10 / 30 after the
-        freeze +0.38 / +0.56 / +0.44; × 30 with the average +0.98, × 100 with it −0.82;
-        ``1/sqrt(1 − target)`` (× 18.3) with the average **+0.93 ± 0.20**; at 99 % (× 10)
-        +0.09. LSTM with AdamW at 90/95/98 % +2.5/−0.1/+2.2, the transformer
-        +0.0/+1.6/+2.4 (3 seeds). SGD's step follows the gradient, which grows on the
-        survivors as the others are cut: its lr × 0.3 changed nothing (−0.02). The
-        BN-CNN, whose zeros are fixed at the ramp's end with a third of the run left,
-        lost with it (AdamW −0.5/−0.5 at 90/95 %).
+        Measured (docs/optim.md, sixth round; digits AdamW at 99.7 %, paired against
+        the last weights at the user's lr): the lr × 3 / 10 / 30 after the freeze
+        +0.38 / +0.56 / +0.44; × 30 with the average +0.98, × 100 with it −1.71;
+        ``1/sqrt(1 − target)`` (× 18.3) with the average **+0.93 ± 0.16** over 20 seeds
+        (19 gain or tie); at 99 % (× 10) +0.09. LSTM with AdamW at 90/95/98 %
+        +2.5/−0.1/+2.2, the transformer +0.0/+1.6/+2.4 (3 seeds). SGD's step follows
+        the gradient, which is not normalised: with the average, its lr × 0.3 / 2 / 4
+        gave −0.02 / −0.20 / a diverged seed. The BN-CNN, whose zeros are fixed at the
+        ramp's end with a third of the run left, lost with it (AdamW −0.5/−0.4/−6.3 at
+        90/95/98 %).
         """
         if not self._fine_tuned_model() or not adaptive(self._optimizer):
             return 1.0
