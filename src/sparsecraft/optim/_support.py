@@ -258,15 +258,18 @@ def _ones(keep: Tensor) -> int:
 
 
 def _kth_smallest(flat: Tensor, j: int, sample: int = 1 << 14, margin: float = 0.02) -> Tensor:
-    """The ``j``-th smallest value (1-based) of the 1-D ``flat``, exactly.
+    """The ``j``-th smallest value (1-based) of the 1-D ``flat`` (no NaN), exactly.
 
     ``kthvalue`` copies and selects the whole tensor: 76 ms for 4.2 M float32
     values on 2 CPU cores, at every step of every penalised tensor. Here a
     strided sample of ``sample`` values brackets the ``j``-th smallest within
     ``margin`` of the ranks on either side (the standard deviation of the
     sample's quantile is at most 0.4 % of the ranks, so 2 % is five of them),
-    and ``kthvalue`` runs on the values inside the bracket only (about 15 ms
-    there). A bracket that misses falls back to the whole tensor.
+    and ``kthvalue`` runs on the values inside the bracket only. When the
+    bracket reaches the top of the tensor (the survivors of a sparse tensor are
+    its top few percent) one comparison makes it and its count gives the rank of
+    its bottom: 16 ms there for 4.2 M values, against 21 ms with both bounds. A
+    bracket that misses falls back to the whole tensor.
     """
     n = flat.numel()
     if n <= 16 * sample:
@@ -277,15 +280,15 @@ def _kth_smallest(flat: Tensor, j: int, sample: int = 1 << 14, margin: float = 0
     m = part.numel()
     q = j / n
     i_lo, i_hi = int((q - margin) * m), int((q + margin) * m)
-    below = 0
     if i_lo > 0:
-        lo = part[i_lo]
-        below = int(torch.count_nonzero(flat < lo))
-        inside = flat >= lo
+        inside = flat >= part[i_lo]
+        below = n - int(torch.count_nonzero(inside))  # no NaN: the rest lies below the bracket
+        if i_hi < m:
+            inside &= flat <= part[i_hi]
+    elif i_hi < m:
+        inside, below = flat <= part[i_hi], 0
     else:
-        inside = torch.ones_like(flat, dtype=torch.bool)
-    if i_hi < m:
-        inside &= flat <= part[i_hi]
+        return flat.kthvalue(j).values
     if below < j:
         values = flat[inside]
         if j - below <= values.numel():
