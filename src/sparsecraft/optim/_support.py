@@ -104,8 +104,8 @@ class _Support:
         alone (power 1) was worse than ``|z|``.
         Cost: five memory passes for the score, the cut (:func:`_kth_smallest`)
         and two counts per tensor and step; on a 16.8 M-weight MLP on 2 CPU cores
-        the Adam step under the controller goes from about 132 to 201 ms
-        (docs/benchmarks.md, overhead).
+        the ranking costs about 6× the latent prox, and the Adam step under the
+        controller takes 1.5–1.6× the plain latent step (docs/benchmarks.md, overhead).
         A sharded (FSDP2) parameter is ranked over all its shards
         (:func:`sparsecraft.distributed.top_k_mask`): the zeros one process makes.
         """
