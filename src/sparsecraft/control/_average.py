@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..optim._proximal import adaptive, has_batchnorm
 from ._select import _local
+from ._state import positive
 
 __all__ = ["FineTuning", "IterateAverage"]
 
@@ -129,12 +130,7 @@ class FineTuning:
         if average is not None and not isinstance(average, bool):
             raise TypeError(f"Expected average to be a bool or None. Received: average={average!r}")
         if fine_tune_scale is not None:
-            ok = isinstance(fine_tune_scale, (int, float)) and not isinstance(fine_tune_scale, bool) \
-                and math.isfinite(fine_tune_scale) and fine_tune_scale > 0
-            if not ok:
-                raise ValueError(f"Expected fine_tune_scale as a finite number > 0 or None. "
-                                 f"Received: fine_tune_scale={fine_tune_scale!r}")
-            fine_tune_scale = float(fine_tune_scale)
+            fine_tune_scale = positive("fine_tune_scale", fine_tune_scale)
         for name, value, off in (("average", average, False), ("fine_tune_scale", fine_tune_scale, 1.0)):
             if value not in (None, off) and self.hold != "freeze":
                 raise ValueError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._average import IterateAverage
 from ._ramp import _RAMPS
 
 _KEYS = {"step", "log_scale", "last_error", "gain_now", "trend", "measured", "target_now", "saturated",
@@ -51,6 +50,14 @@ def finite(name: str, value: Any, low: float = -math.inf, high: float = math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
         raise ValueError(f"Expected a finite {name} in [{low}, {high}]. Received: {name}={value!r}")
+    return float(value)
+
+
+def positive(name: str, value: Any) -> float:
+    """``value`` as a finite float > 0, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"Expected {name} as a finite number > 0. Received: {name}={value!r}")
     return float(value)
 
 
@@ -110,10 +117,9 @@ def check_state(state: Any, n_terms: int, measure: str, ramp_is_callable: bool) 
             raise ValueError(f"Expected hold='freeze' with average=True. Received: hold={out['hold']!r}")
         out["average"] = cfg["average"]
     if "fine_tune_scale" in cfg:
-        scale = finite("fine_tune_scale", cfg["fine_tune_scale"], 0.0)
-        if scale == 0 or (scale != 1 and out.get("hold", "freeze") != "freeze"):
-            raise ValueError(f"Expected fine_tune_scale > 0, and 1 unless hold='freeze'. Received: "
-                             f"fine_tune_scale={scale!r}, hold={out.get('hold', 'freeze')!r}")
+        scale = positive("fine_tune_scale", cfg["fine_tune_scale"])
+        if scale != 1 and out.get("hold", "freeze") != "freeze":
+            raise ValueError(f"Expected hold='freeze' with fine_tune_scale={scale!r}. Received: hold={out['hold']!r}")
         out["fine_tune_scale"] = scale
     out["step"] = integer("step", state["step"], 0)
     out["log_scale"] = finite("log_scale", state["log_scale"])
@@ -191,6 +197,8 @@ class ControllerState:
             if self._optimizer is None:
                 raise ValueError("Expected a state with average=False for a controller on a Regularizer. "
                                  "Received: average=True")
+            from ._average import IterateAverage  # here: _average imports this module's checks
+
             average = IterateAverage(self._trained())
             average.load(state_dict.get("average", {"count": 0, "values": []}))  # checked before any change
         self.target, self.start_step, self.end_step = new["target"], new["start_step"], new["end_step"]
