@@ -175,7 +175,7 @@ class FineTuning:
         the last weights at the user's lr): the lr × 3 / 10 / 30 after the freeze
         +0.38 / +0.56 / +0.44; × 30 with the average +0.98, × 100 with it −1.71;
         ``1/sqrt(1 − target)`` (× 18.3) with the average **+0.93 ± 0.16** over 20 seeds
-        (19 gain or tie); at 99 % (× 10) +0.09; RMSprop and Adagrad at 99.7 % +1.45 and
+        (19 gain or tie); at 99 % (× 10) +0.09, at 99.9 % (× 31.6) +3.76; RMSprop and Adagrad at 99.7 % +1.45 and
         +1.42 (10 seeds). LSTM with AdamW at 90/95/98 %
         +2.5/−0.1/+2.2, the transformer +0.0/+1.6/+2.4 (3 seeds). SGD's step follows
         the gradient, which is not normalised: with the average, its lr × 0.3 / 2 / 4
