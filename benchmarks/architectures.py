@@ -32,8 +32,13 @@ weights, 3x32 channels; 10 before the fourth round), the LSTM 8
 transformer 3 (d_model 64, 2 layers, 4 heads, d_ff 128; 2,048 training
 sentences of the copy language with 8 tokens to copy, batch 64).
 
+Two parts run on their own and add a column to the main run's rows:
+``--part relaxed-sgd`` (``target`` with ``relaxed=True`` under SGD) and
+``--part lr-factor`` (``target`` under AdamW with
+``TargetSparsity.lr_factor`` as the LR schedule, the opt-in for short runs).
+
 Writes ``benchmarks/results/architectures.json`` (not with ``--quick``).
-Run ``python benchmarks/architectures.py [--quick]`` or
+Run ``python benchmarks/architectures.py [--quick] [--part PART]`` or
 ``sparsecraft bench --suite architectures``.
 """
 
@@ -96,6 +101,10 @@ METHODS = ("target", "magnitude", "gradual", "pat_target")
 # the default keeps the soft threshold: a part of its own (``--part relaxed-sgd``), added to the
 # rows of the main run.
 RELAXED = "target_relaxed"
+# sparsecraft's plain path with TargetSparsity.lr_factor as the LR schedule under AdamW (opt-in
+# for short runs: these budgets are short), a part of its own (``--part lr-factor``).
+LR_FACTOR = "target_lr_factor"
+EXTRA = (RELAXED, LR_FACTOR)
 
 
 def _seeds(cfg: dict[str, Any], spec: dict[str, Any]) -> tuple[int, ...]:
@@ -173,7 +182,7 @@ def _summary(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         target = r.get("target")
-        method = RELAXED if r.get("relaxed") else r["method"]
+        method = _method(r)
         groups.setdefault((r["model"], r["optimizer"], method, target), []).append(r)
     table = []
     for model in cfg["models"]:
@@ -181,7 +190,7 @@ def _summary(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, 
             for target in cfg["targets"]:
                 # "zeros": the requested fraction ("target" is the method of that name)
                 row: dict[str, Any] = {"model": model, "optimizer": optimizer, "zeros": target}
-                for method in ("dense", *METHODS, RELAXED):
+                for method in ("dense", *METHODS, *EXTRA):
                     key = (model, optimizer, method, None if method == "dense" else target)
                     rs = groups.get(key, [])
                     if not rs:
@@ -202,7 +211,7 @@ def _compact(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in table:
         row = {"model": r["model"], "opt": r["optimizer"], "zeros": f"{100 * r['zeros']:g} %"}
-        for m in ("dense", *METHODS, RELAXED):
+        for m in ("dense", *METHODS, *EXTRA):
             row[m] = f"{100 * r[m]:.1f}" if m in r else "-"
         out.append(row)
     return out
@@ -210,7 +219,7 @@ def _compact(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _markdown(table: list[dict[str, Any]]) -> str:
     """The docs/benchmarks.md table: accuracy % (mean of seeds), loss for the transformer."""
-    cols = ["dense", *METHODS] + ([RELAXED] if any(RELAXED in r for r in table) else [])
+    cols = ["dense", *METHODS] + [m for m in EXTRA if any(m in r for r in table)]
     lines = [
         "| model | opt | zeros | " + " | ".join(cols) + " |",
         "|---|---|---|" + "---|" * len(cols),
@@ -224,7 +233,7 @@ def _markdown(table: list[dict[str, Any]]) -> str:
             cell = f"{100 * r[c]:.1f}"
             if f"{c}_loss" in r:
                 cell += f" ({r[f'{c}_loss']:.2f})"
-            best = max(r.get(m, -1.0) for m in (*METHODS, RELAXED))
+            best = max(r.get(m, -1.0) for m in (*METHODS, *EXTRA))
             cells.append(f"**{cell}**" if c != "dense" and r[c] == best else cell)
         lines.append(
             f"| {r['model']} | {r['optimizer']} | {100 * r['zeros']:g} % | "
@@ -247,17 +256,36 @@ def _relaxed_jobs(cfg: dict[str, Any]) -> list[tuple[str, str, list, int, dict]]
     return jobs
 
 
+def _lr_factor_jobs(cfg: dict[str, Any]) -> list[tuple[str, str, list, int, dict]]:
+    """The ``lr-factor`` part: ``target`` with ``lr_factor=True`` under AdamW, every model/seed/target."""
+    jobs = []
+    for model, spec in cfg["models"].items():
+        common = {"model": model, "optimizer": "adamw", "lr": spec["lr"]["adamw"],
+                  "batch_size": spec["batch_size"], "epochs": spec["epochs"]}
+        for seed in _seeds(cfg, spec):
+            for t in cfg["targets"]:
+                plan = [("target", {"target": t, "lr_factor": True})]
+                jobs.append((f"{model}/adamw/seed {seed}: {LR_FACTOR} {t}", spec["data"], plan, seed, common))
+    return jobs
+
+
+def _method(r: dict[str, Any]) -> str:
+    """A run's column: the method, or the part (relaxed, lr_factor) it belongs to."""
+    return RELAXED if r.get("relaxed") else LR_FACTOR if r.get("lr_factor") else r["method"]
+
+
 def run(quick: bool = False, part: str = "main") -> dict:
-    """Runs the suite (or its ``relaxed-sgd`` part), writes ``results/architectures.json``."""
+    """Runs the suite (or one of its parts), writes ``results/architectures.json``."""
     cfg = QUICK if quick else FULL
     t0 = time.perf_counter()
     pat = experiments.pat_available()
     splits = {spec["data"]: _load(spec) for spec in cfg["models"].values()}
     rows: list[dict[str, Any]] = []
-    if part == "relaxed-sgd":
-        jobs = _relaxed_jobs(cfg)
-        if not quick and RESULTS.exists():  # keep the main run's rows, replace this part's
-            rows = [r for r in json.loads(RESULTS.read_text())["runs"] if not r.get("relaxed")]
+    if part in PARTS:
+        jobs = PARTS[part](cfg)
+        column = RELAXED if part == "relaxed-sgd" else LR_FACTOR
+        if not quick and RESULTS.exists():  # keep the other rows, replace this part's
+            rows = [r for r in json.loads(RESULTS.read_text())["runs"] if _method(r) != column]
     else:
         jobs = _jobs(cfg, pat)
     out: dict[str, Any] = {}
@@ -282,6 +310,9 @@ def run(quick: bool = False, part: str = "main") -> dict:
     return out
 
 
+PARTS = {"relaxed-sgd": _relaxed_jobs, "lr-factor": _lr_factor_jobs}
+
+
 def _write(out: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
@@ -303,7 +334,7 @@ def _results(
     return {
         "suite": "architectures",
         "quick": quick,
-        "complete": sum(not r.get("relaxed") for r in rows) == _expected_runs(cfg, pat),
+        "complete": sum(_method(r) not in EXTRA for r in rows) == _expected_runs(cfg, pat),
         "machine": {
             "cpus": os.cpu_count(),
             "workers": cfg["workers"],
@@ -325,9 +356,10 @@ def _results(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=("main", "relaxed-sgd"), default="main",
-                        help="relaxed-sgd: only sparsecraft with relaxed=True under SGD, added to the "
-                             "main run's results")
+    parser.add_argument("--part", choices=("main", *PARTS), default="main",
+                        help="relaxed-sgd: only sparsecraft with relaxed=True under SGD; lr-factor: only "
+                             "sparsecraft with TargetSparsity.lr_factor under AdamW; added to the main "
+                             "run's results")
     args = parser.parse_args()
     result = run(quick=args.quick, part=args.part)
     print(result["markdown"])

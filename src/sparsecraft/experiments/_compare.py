@@ -31,7 +31,7 @@ METHODS: dict[str, tuple[Callable[..., RunResult], str | None]] = {
 
 
 _KNOBS = ("model", "lam", "tol", "target", "mode", "optimizer", "finetune_epochs", "frequency",
-          "freeze_fraction", "relaxed", "average", "fine_tune_scale")
+          "freeze_fraction", "relaxed", "average", "fine_tune_scale", "lr_factor")
 # What makes two dense trainings the same (besides seed and hidden), with the methods' defaults.
 _DENSE_DEFAULTS = {"model": "mlp", "batch_size": 64, "epochs": 60, "optimizer": "sgd", "lr": None}
 _DENSE_KEYS = tuple(_DENSE_DEFAULTS)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..datasets import Split
@@ -242,6 +243,7 @@ def run_target(
     relaxed: bool | None = None,
     average: bool | None = None,
     fine_tune_scale: float | None = None,
+    lr_factor: bool = False,
     finalize: bool = True,
     seed: int = 0,
     on_epoch: Callback | None = None,
@@ -260,7 +262,10 @@ def run_target(
     :class:`~sparsecraft.ProximalOptimizer`). ``average`` and ``fine_tune_scale``
     are the controller's (None: on a model without BatchNorm, the average of the
     weights since the freeze, written by ``finalize``, and for Adam/AdamW the
-    learning rate × ``1/sqrt(1 − target)`` after the freeze). ``lam`` is only the starting strength. With
+    learning rate × ``1/sqrt(1 − target)`` after the freeze). ``lr_factor``: the
+    learning rate follows :meth:`~sparsecraft.control.TargetSparsity.lr_factor`
+    (an opt-in ``LambdaLR`` for short runs with adaptive optimizers). ``lam`` is only
+    the starting strength. With
     ``finalize`` the controller's exact final selection runs at the end (the
     sparsity before it is in the details).
     """
@@ -278,6 +283,7 @@ def run_target(
     freeze = None if freeze_fraction is None else max(end, round(freeze_fraction * total))
     ctrl = TargetSparsity(opt, target=target, end_step=end, start_step=0, ramp="cubic", hold=hold,
                           freeze_step=freeze, average=average, fine_tune_scale=fine_tune_scale)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ctrl.lr_factor) if lr_factor else None
     h = train(
         net,
         data,
@@ -287,6 +293,7 @@ def run_target(
         regularizer=reg,
         controller=ctrl,
         seed=seed,
+        after_step=sched.step if sched is not None else None,
         on_epoch=on_epoch,
     )
     details: dict[str, Any] = {
@@ -319,6 +326,7 @@ def run_target(
             **({"relaxed": relaxed} if relaxed is not None else {}),
             **({"average": average} if average is not None else {}),
             **({"fine_tune_scale": fine_tune_scale} if fine_tune_scale is not None else {}),
+            **({"lr_factor": True} if lr_factor else {}),
         },
         details,
     )
