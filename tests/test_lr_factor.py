@@ -77,3 +77,35 @@ def test_a_short_adamw_run_on_digits_learns_only_with_it():
     assert runs[True].config["lr_factor"] is True and "lr_factor" not in runs[False].config
     assert runs[True].accuracy > 0.93
     assert runs[True].accuracy > runs[False].accuracy + 0.1
+
+
+def test_the_command_line_flag_runs_it_and_refuses_what_it_cannot_scale(tmp_path, capsys):
+    import json
+
+    from sparsecraft import cli
+
+    n = torch.get_num_threads()
+    try:
+        out = tmp_path / "run"
+        args = ["train", "--data", "digits", "--hidden", "16", "--epochs", "2", "--target", "0.9",
+                "--optimizer", "adamw", "--lr-factor", "--out", str(out)]
+        assert cli.main(args) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["lr_factor"] is True and metrics["sparsity"] == pytest.approx(0.9, abs=1e-3)
+        assert "--lr-factor" in (out / "report.md").read_text()  # the command that reruns it
+        capsys.readouterr()
+        for extra, said in ((["--optimizer", "adamw"], "--target None"),
+                            (["--target", "0.9"], "--optimizer sgd")):
+            assert cli.main(["train", "--epochs", "1", "--lr-factor", *extra, "--out",
+                             str(tmp_path / "bad")]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err and "Expected --target and --optimizer adam or adamw" in err
+            assert said in err
+            assert not (tmp_path / "bad").exists()
+    finally:
+        torch.set_num_threads(n)  # main() sets torch's thread count
+
+
+def test_run_spec_refuses_it_without_a_target():
+    with pytest.raises(ValueError, match=r"Expected a target with lr_factor=True.*Received: target=None"):
+        experiments.run_spec(datasets.digits(), penalty="l1:1e-2", optimizer="adamw", lr_factor=True)

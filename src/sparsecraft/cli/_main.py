@@ -169,6 +169,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="prox mode of --penalty (default latent)",
     )
+    tr.add_argument(
+        "--lr-factor",
+        action="store_true",
+        help="with --target and adam/adamw: raise the lr as (1 - s)^-1/2 while the weights go "
+        "(TargetSparsity.lr_factor; for runs too short for the sparse network)",
+    )
     tr.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="sgd")
     tr.add_argument("--lr", type=_positive_float, default=None)
     tr.add_argument("--epochs", type=_positive_int, default=30)

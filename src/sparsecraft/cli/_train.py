@@ -32,6 +32,11 @@ def _check_flags(args: argparse.Namespace) -> None:
             f"Expected a weight penalty for {' and '.join(given)}. Received: no --penalty (and no "
             "--target), so the model would train dense; add e.g. --penalty l1:1e-3"
         )
+    if args.lr_factor and (args.target is None or args.optimizer == "sgd"):
+        raise ValueError(
+            f"Expected --target and --optimizer adam or adamw for --lr-factor (it scales an adaptive "
+            f"step as the ramp removes weights). Received: --target {args.target} --optimizer {args.optimizer}"
+        )
     if args.apply == "loss" and args.mode is not None:
         raise ValueError(
             f"Expected --mode only with --apply prox (it is the prox's mode). Received: --apply loss "
@@ -72,6 +77,7 @@ def _train_into(args: argparse.Namespace, out: Path) -> int:
             mode=args.mode or "latent",
             epochs=args.epochs,
             seed=args.seed,
+            lr_factor=args.lr_factor,
             on_epoch=progress.epoch,
         )
     if r.explanation is not None and r.explanation.rows:

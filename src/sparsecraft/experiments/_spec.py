@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import penalties as _penalties
@@ -83,6 +84,7 @@ def run_spec(
     mode: str = "latent",
     epochs: int = 30,
     seed: int = 0,
+    lr_factor: bool = False,
     on_epoch: Callback | None = None,
 ) -> RunResult:
     """Trains ``model`` on ``data`` with a weight penalty, an activity penalty and/or a target.
@@ -108,6 +110,9 @@ def run_spec(
             (added to the loss, as Keras does).
         optimizer, lr, mode, epochs, seed: Training settings (``mode``: the
             ProximalOptimizer mode).
+        lr_factor: with ``target`` and Adam/AdamW, the learning rate follows
+            :meth:`~sparsecraft.control.TargetSparsity.lr_factor` (an opt-in for
+            runs too short for the sparse network).
         on_epoch: ``(epoch, record)`` after each epoch.
 
     Returns:
@@ -117,8 +122,8 @@ def run_spec(
         the teacher's shape; its ``explanation`` is the regularizer's table.
 
     Raises:
-        ValueError: On an unknown model, apply mode, penalty spec, or a target
-            the penalties cannot reach.
+        ValueError: On an unknown model, apply mode, penalty spec, a target
+            the penalties cannot reach, or ``lr_factor`` without a target or with SGD.
     """
     if model is None:
         model = default_model(data)
@@ -130,6 +135,10 @@ def run_spec(
         isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1
     ):
         raise ValueError(f"Expected target in (0, 1). Received: target={target!r}")
+    if lr_factor and target is None:
+        raise ValueError(
+            "Expected a target with lr_factor=True (the factor follows the ramp to it). Received: target=None"
+        )
     if target is not None and penalty is None:
         penalty = "l1:1e-2"
     weight_pen = _penalties.get(penalty) if penalty is not None else None
@@ -166,6 +175,7 @@ def run_spec(
             )
         end = max(1, round(2 / 3 * epochs * steps_per_epoch(data)))
         ctrl = TargetSparsity(opt, target=float(target), end_step=end)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ctrl.lr_factor) if lr_factor and ctrl is not None else None
     h = train(
         net,
         data,
@@ -174,6 +184,7 @@ def run_spec(
         regularizer=reg if reg.terms else None,
         controller=ctrl,
         seed=seed,
+        after_step=sched.step if sched is not None else None,
         on_epoch=on_epoch,
     )
     details: dict[str, Any] = {}
@@ -199,6 +210,7 @@ def run_spec(
         "mode": mode,
         "epochs": epochs,
         "seed": seed,
+        **({"lr_factor": True} if lr_factor else {}),
     }
     r = result("train", net, data, t0, h, config, details)
     r.explanation = explanation
