@@ -243,29 +243,21 @@ def _markdown(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _relaxed_jobs(cfg: dict[str, Any]) -> list[tuple[str, str, list, int, dict]]:
-    """The ``relaxed-sgd`` part: ``target`` with ``relaxed=True`` under SGD, every model/seed/target."""
+# The parts: --part NAME -> (its column, the optimizer, the run_target argument set to True).
+PARTS = {"relaxed-sgd": (RELAXED, "sgd", "relaxed"), "lr-factor": (LR_FACTOR, "adamw", "lr_factor")}
+
+
+def _part_jobs(cfg: dict[str, Any], part: str) -> list[tuple[str, str, list, int, dict]]:
+    """A part's runs: ``target`` with its argument set to True, every model/seed/target."""
+    column, optimizer, knob = PARTS[part]
     jobs = []
     for model, spec in cfg["models"].items():
-        common = {"model": model, "optimizer": "sgd", "lr": spec["lr"]["sgd"],
+        common = {"model": model, "optimizer": optimizer, "lr": spec["lr"][optimizer],
                   "batch_size": spec["batch_size"], "epochs": spec["epochs"]}
         for seed in _seeds(cfg, spec):
             for t in cfg["targets"]:
-                plan = [("target", {"target": t, "relaxed": True})]
-                jobs.append((f"{model}/sgd/seed {seed}: {RELAXED} {t}", spec["data"], plan, seed, common))
-    return jobs
-
-
-def _lr_factor_jobs(cfg: dict[str, Any]) -> list[tuple[str, str, list, int, dict]]:
-    """The ``lr-factor`` part: ``target`` with ``lr_factor=True`` under AdamW, every model/seed/target."""
-    jobs = []
-    for model, spec in cfg["models"].items():
-        common = {"model": model, "optimizer": "adamw", "lr": spec["lr"]["adamw"],
-                  "batch_size": spec["batch_size"], "epochs": spec["epochs"]}
-        for seed in _seeds(cfg, spec):
-            for t in cfg["targets"]:
-                plan = [("target", {"target": t, "lr_factor": True})]
-                jobs.append((f"{model}/adamw/seed {seed}: {LR_FACTOR} {t}", spec["data"], plan, seed, common))
+                plan = [("target", {"target": t, knob: True})]
+                jobs.append((f"{model}/{optimizer}/seed {seed}: {column} {t}", spec["data"], plan, seed, common))
     return jobs
 
 
@@ -282,8 +274,8 @@ def run(quick: bool = False, part: str = "main") -> dict:
     splits = {spec["data"]: _load(spec) for spec in cfg["models"].values()}
     rows: list[dict[str, Any]] = []
     if part in PARTS:
-        jobs = PARTS[part](cfg)
-        column = RELAXED if part == "relaxed-sgd" else LR_FACTOR
+        jobs = _part_jobs(cfg, part)
+        column = PARTS[part][0]
         if not quick and RESULTS.exists():  # keep the other rows, replace this part's
             rows = [r for r in json.loads(RESULTS.read_text())["runs"] if _method(r) != column]
     else:
@@ -308,9 +300,6 @@ def run(quick: bool = False, part: str = "main") -> dict:
             if not quick:  # a smoke run never replaces the results of a real one
                 _write(out)  # after every job: a run stopped early keeps what it measured
     return out
-
-
-PARTS = {"relaxed-sgd": _relaxed_jobs, "lr-factor": _lr_factor_jobs}
 
 
 def _write(out: dict) -> None:
