@@ -10,7 +10,9 @@ the gain ``k`` shrinks by 0.7 on a sign change of ``e`` (down to ``gain/5``)
 and grows by 5 % while it keeps it; the trend ``v`` keeps 0.99 of itself
 (0.5 when it disagrees with ``e``) plus ``drift·k·e``, clipped to ±0.5.
 It runs in the graph (no host sync under ``jit_compile``): its state lives in
-optimizer variables, each update is masked by ``where(due, new, old)``.
+optimizer variables, each update is masked by ``where(due, new, old)``. With
+``hold="freeze"`` it stops at ``freeze_step``, where :mod:`._freeze` makes the
+count exact and fixes the zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import math
 from typing import Any
 
 from keras import ops
+
+from . import _freeze
 
 # log(multiplier) stays within ±LOG_BOUND, as in the torch controller.
 LOG_BOUND = math.log(1e8)
@@ -60,6 +64,7 @@ def update(optimizer: Any, config: dict[str, Any]) -> None:
     due = ops.logical_and(
         t >= start, ops.logical_or(ops.equal(ops.mod(t - start, every), 0.0), ops.equal(t, end))
     )
+    due = ops.logical_and(due, ops.convert_to_tensor(optimizer._frozen) <= 0)  # fixed zeros: nothing to steer
     target_now = ramp_at(config, t)
     measured = optimizer.count_zeros() / numel
     floor = 0.5 / numel  # half an element: log density stays finite at 100 % zeros
@@ -79,3 +84,5 @@ def update(optimizer: Any, config: dict[str, Any]) -> None:
                      (state["gain_now"], gain), (state["trend"], new_trend),
                      (state["measured"], measured), (state["target_now"], target_now)):
         var.assign(ops.where(due, ops.cast(new, "float32"), ops.convert_to_tensor(var)))
+    if config.get("hold") == "freeze":
+        _freeze.at_step(optimizer, config)

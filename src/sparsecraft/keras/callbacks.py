@@ -1,4 +1,4 @@
-"""TargetSparsity for Keras: a requested fraction of exact zeros at the end of ``fit()``."""
+"""TargetSparsity for Keras: a requested fraction of exact zeros, fixed at ``freeze_step`` or at the end of ``fit()``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from ._control import LOG_BOUND
+from . import _freeze
 from .optimizers import ProximalOptimizer
 
 __all__ = ["TargetSparsity", "find_proximal_optimizer"]
 
 _RAMPS = ("cubic", "linear", "none")
+_HOLDS = ("freeze", "track")
+# With hold="freeze" in latent mode: the share of the ramp's length the target is held, prox
+# on, before the zeros are fixed (the torch controller's _HOLD_SHARE, docs/optim.md third round).
+_HOLD_SHARE = 0.35
 
 
 def find_proximal_optimizer(model: keras.Model) -> ProximalOptimizer:
@@ -32,7 +36,7 @@ def find_proximal_optimizer(model: keras.Model) -> ProximalOptimizer:
 
 
 class TargetSparsity(keras.callbacks.Callback):
-    """Moves the strength of the prox terms so that sparsity follows a ramp to ``target``.
+    """Moves the strength of the prox terms so that sparsity follows a ramp to ``target``, then holds it.
 
     The torch library's feedback law (``sparsecraft.TargetSparsity`` in
     forward–backward mode; in latent mode the torch controller now solves the
@@ -42,10 +46,18 @@ class TargetSparsity(keras.callbacks.Callback):
     step, also under ``jit_compile``). It measures the fraction of exact zeros
     of the variables whose regularizer makes zeros; in ``"latent"`` mode those
     hold ``prox(latent)``, so the zeros of the prox are counted, never those of
-    the dense latent copy. At the end of training, :meth:`finalize` (run by
-    default) makes sparsity equal ``round(target·numel)`` zeros: in latent mode
-    by solving the strength multiplier on the latent copies (the λ path), else
-    by zeroing the smallest magnitudes.
+    the dense latent copy.
+
+    The exact count, ``round(target·numel)`` zeros, is made by a selection: in
+    latent mode the strength multiplier is solved on the latent copies (the λ
+    path, bisection in log space), then what ties remain are cut by magnitude;
+    in forward–backward mode the smallest magnitudes are cut. With
+    ``hold="freeze"`` it runs inside the train step at ``freeze_step``, which
+    then fixes the support: the zeros stay exactly zero and the survivors train
+    without the penalty for the rest of the run
+    (:meth:`~sparsecraft.keras.optimizers.ProximalOptimizer.freeze_support`).
+    With ``hold="track"`` the controller holds the target to the end of
+    ``fit()``, where :meth:`finalize` makes the selection.
 
     Args:
         target: the sparsity to reach, in (0, 1).
@@ -57,11 +69,24 @@ class TargetSparsity(keras.callbacks.Callback):
         every: update every this many steps (default: about 200 updates over the ramp).
         gain: initial gain on the log multiplier (default 0.1).
         drift: gain of the trend term relative to the gain (default 0.1).
-        finalize: run :meth:`finalize` at the end of ``fit()`` (default True).
+        finalize: run :meth:`finalize` at the end of ``fit()`` (default True;
+            after a freeze it changes nothing and reports the freeze's selection).
+        hold: ``"freeze"`` (default) or ``"track"``, as in the torch controller.
+        freeze_step: with ``hold="freeze"``, the optimizer step after which the
+            zeros are fixed (>= ``end_step``). Default, set at the start of
+            ``fit()``: in latent mode ``end_step + round(0.35·(end_step −
+            start_step))`` (a ramp over the first 2/3 of a run freezes at 0.9 of
+            it), ``end_step`` in forward–backward mode (its zeros cannot come back
+            at the selection) and on a model with BatchNormalization — the torch
+            controller's defaults. A run that ends before it is finalized at the
+            end of ``fit()``, as with ``"track"``.
 
     Attributes:
-        history: one ``{"epoch", "measured", "target_now", "scale"}`` per epoch.
+        history: one ``{"epoch", "measured", "target_now", "scale", "frozen"}`` per epoch.
         final: :meth:`finalize`'s result once it ran.
+
+    Raises:
+        ValueError: a bad argument (each message names what it expected).
 
     Pass it to the ``fit()`` call that trains after ``compile()`` (the train
     step reads its settings when it is traced).
@@ -79,6 +104,8 @@ class TargetSparsity(keras.callbacks.Callback):
         gain: float = 0.1,
         drift: float = 0.1,
         finalize: bool = True,
+        hold: str = "freeze",
+        freeze_step: int | None = None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
@@ -104,17 +131,50 @@ class TargetSparsity(keras.callbacks.Callback):
                 raise ValueError(f"Expected a finite {name} >= 0. Received: {name}={v!r}")
         if gain == 0:
             raise ValueError(f"Expected gain > 0 (the integral part moves the strength). Received: gain={gain}")
+        if hold not in _HOLDS:
+            raise ValueError(f"Expected hold in {_HOLDS}. Received: hold={hold!r}")
+        if freeze_step is not None:
+            if hold != "freeze":
+                raise ValueError(
+                    f"Expected freeze_step only with hold='freeze' (the step where the zeros are fixed). "
+                    f"Received: hold={hold!r}, freeze_step={freeze_step!r}"
+                )
+            if isinstance(freeze_step, bool) or not isinstance(freeze_step, int) or freeze_step < end_step:
+                raise ValueError(
+                    f"Expected an int freeze_step >= end_step={end_step} (the target is reached first). "
+                    f"Received: freeze_step={freeze_step!r}"
+                )
         self.config = {"target": float(target), "start_step": start_step, "end_step": end_step,
                        "ramp": ramp, "initial": float(initial), "every": every,
-                       "gain": float(gain), "drift": float(drift)}
+                       "gain": float(gain), "drift": float(drift), "hold": hold, "freeze_step": freeze_step}
         self.target = float(target)
+        self.hold = hold
+        self.freeze_step = freeze_step  # None: resolved at the start of fit() (the optimizer's mode)
         self.run_finalize = bool(finalize)
         self.history: list[dict[str, float]] = []
         self.final: dict[str, float] | None = None
 
+    def _default_freeze_step(self, model: keras.Model, opt: ProximalOptimizer) -> int:
+        """Latent mode: ``end_step`` plus 35 % of the ramp; ``end_step`` in forward–backward mode or with BatchNorm.
+
+        The torch controller's rule (``TargetSparsity._default_freeze_step``, measured
+        in docs/optim.md, third round): holding the target with the prox on before
+        fixing the zeros helped the latent mode, except on a model with BatchNorm.
+        """
+        end, start = self.config["end_step"], self.config["start_step"]
+        batchnorm = any(isinstance(layer, keras.layers.BatchNormalization) for layer in _layers(model))
+        if opt.mode != "latent" or batchnorm:
+            return end
+        return end + round(_HOLD_SHARE * (end - start))
+
     # -- callback hooks ----------------------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
-        find_proximal_optimizer(self.model)._control = self.config
+        opt = find_proximal_optimizer(self.model)
+        if self.hold == "freeze" and self.config["freeze_step"] is None:
+            self.freeze_step = self._default_freeze_step(self.model, opt)
+        self.config["freeze_step"] = self.freeze_step
+        opt._host_step = None  # eager torch: the host's step count is read again at the first step
+        opt._control = self.config
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         opt = find_proximal_optimizer(self.model)
@@ -124,6 +184,7 @@ class TargetSparsity(keras.callbacks.Callback):
             "measured": float(ops.convert_to_numpy(state["measured"])),
             "target_now": float(ops.convert_to_numpy(state["target_now"])),
             "scale": float(np.exp(ops.convert_to_numpy(opt._log_scale))),
+            "frozen": float(ops.convert_to_numpy(opt._frozen)),
         })
         if logs is not None:
             logs["sparsity"] = self.history[-1]["measured"]
@@ -136,86 +197,40 @@ class TargetSparsity(keras.callbacks.Callback):
     def measured(self) -> float:
         """The sparsity now: exact zeros over the controlled variables (one host sync)."""
         opt = find_proximal_optimizer(self.model)
-        return float(ops.convert_to_numpy(opt.count_zeros())) / max(self._numel(opt), 1)
-
-    @staticmethod
-    def _numel(opt: ProximalOptimizer) -> int:
-        return sum(n for n, r in zip(opt._numel, opt._regs, strict=True) if r.makes_zeros)
+        return float(ops.convert_to_numpy(opt.count_zeros())) / max(_freeze.numel(opt), 1)
 
     def finalize(self) -> dict[str, float]:
         """Make sparsity equal ``target`` (``round(target·numel)`` zeros); see the class doc.
 
+        With the support already fixed (``hold="freeze"`` after ``freeze_step``,
+        or ``freeze_support()``) it changes nothing: it reports the freeze's
+        selection (``before``, ``scale_before``, ``latent``, ``frozen_at``) and
+        the sparsity now (``after``).
+
         Returns:
-            ``{"before", "after", "target", "scale_before", "scale_after", "latent"}``.
+            ``{"before", "after", "target", "scale_before", "scale_after", "latent", "frozen_at"}``
+            (``frozen_at``: the step of the freeze, -1 without one).
         """
         opt = find_proximal_optimizer(self.model)
-        ks = [k for k, r in enumerate(opt._regs) if r.makes_zeros]
-        variables = [opt._trainable_variables[opt._slots[k]] for k in ks]
-        numel = self._numel(opt)
-        wanted = round(self.target * numel)
-        zeros = sum(int(np.sum(ops.convert_to_numpy(v) == 0)) for v in variables)
-        log_scale = float(ops.convert_to_numpy(opt._log_scale))
-        result = {"before": zeros / numel, "target": self.target, "scale_before": math.exp(log_scale),
-                  "latent": 0.0}
-        if zeros != wanted and opt.mode == "latent":
-            gammas = [float(ops.convert_to_numpy(opt._gammas[k])) for k in ks]
-            if all(g > 0 for g in gammas):
-                log_scale = self._solve_latent(opt, ks, variables, gammas, wanted, log_scale)
-                result["latent"] = 1.0
-                zeros = sum(int(np.sum(ops.convert_to_numpy(v) == 0)) for v in variables)
-        if zeros < wanted:
-            self._cut_smallest(variables, wanted - zeros)
-        after = sum(int(np.sum(ops.convert_to_numpy(v) == 0)) for v in variables)
-        result.update(after=after / numel, scale_after=math.exp(log_scale))
-        return result
+        scalar = lambda v: float(ops.convert_to_numpy(v))  # noqa: E731
+        if opt.support_frozen:
+            return {"before": scalar(opt._before_freeze), "after": self.measured(), "target": self.target,
+                    "scale_before": scalar(opt._scale_before_freeze), "scale_after": scalar(opt.strength_scale()),
+                    "latent": scalar(opt._latent_freeze), "frozen_at": scalar(opt._frozen_at)}
+        scale_before = scalar(opt.strength_scale())
+        chosen = _freeze.select(opt, self.target)
+        for k, value in zip(_freeze.zero_making(opt), chosen["values"], strict=True):
+            opt._trainable_variables[opt._slots[k]].assign(value)
+        opt._log_scale.assign(chosen["log_scale"])
+        return {"before": scalar(chosen["before"]), "after": scalar(chosen["after"]), "target": self.target,
+                "scale_before": scale_before, "scale_after": scalar(opt.strength_scale()),
+                "latent": scalar(chosen["latent"]), "frozen_at": -1.0}
 
-    @staticmethod
-    def _solve_latent(opt, ks, variables, gammas, wanted, log_scale) -> float:
-        latents = [opt._latents[k] for k in ks]
-        regs = [opt._regs[k] for k in ks]
 
-        def prox_all(lm: float) -> tuple[int, list]:
-            m = math.exp(lm)
-            values = [ops.convert_to_numpy(r.prox(ops.convert_to_tensor(z), g * m))
-                      for r, z, g in zip(regs, latents, gammas, strict=True)]
-            return sum(int(np.sum(v == 0)) for v in values), values
-
-        # Bracket [lo, hi] with zeros(lo) < wanted <= zeros(hi); zeros grow with the multiplier.
-        lo = hi = log_scale
-        step = 1.0
-        while prox_all(lo)[0] >= wanted and lo > log_scale - 2 * LOG_BOUND:
-            lo -= step
-            step *= 2
-        step = 1.0
-        count_hi = prox_all(hi)[0]
-        while count_hi < wanted and hi < log_scale + 2 * LOG_BOUND:
-            hi += step
-            step *= 2
-            count_hi = prox_all(hi)[0]
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            c = prox_all(mid)[0]
-            if c >= wanted:
-                hi, count_hi = mid, c
-            else:
-                lo = mid
-        chosen = hi if count_hi == wanted else lo  # a tie past wanted: stay below, cut the rest
-        _, values = prox_all(chosen)
-        for v, value in zip(variables, values, strict=True):
-            v.assign(value)
-        opt._log_scale.assign(chosen)
-        return chosen
-
-    @staticmethod
-    def _cut_smallest(variables: list, need: int) -> None:
-        arrays = [ops.convert_to_numpy(v) for v in variables]
-        flat = np.concatenate([np.abs(a).ravel().astype(np.float64) for a in arrays])
-        ranked = np.where(flat == 0, np.inf, flat)
-        drop = np.zeros(flat.shape, bool)
-        drop[np.argpartition(ranked, need - 1)[:need]] = True
-        offset = 0
-        for v, a in zip(variables, arrays, strict=True):
-            mask = drop[offset: offset + a.size].reshape(a.shape)
-            offset += a.size
-            if mask.any():
-                v.assign(np.where(mask, np.zeros_like(a), a))
+def _layers(model: keras.Model) -> list:
+    """Every layer of ``model``, nested models included."""
+    out = []
+    for layer in getattr(model, "layers", []):
+        out.append(layer)
+        out.extend(_layers(layer))
+    return out

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from . import _control
+from . import _control, _freeze
 from ._math import count_zeros
 from .regularizers import ProximalRegularizer
 from .regularizers import get as _get_regularizer
@@ -140,6 +140,10 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         self._family = _family(inner_optimizer)
         # Set by sparsecraft.keras.callbacks.TargetSparsity; read when the train step is traced.
         self._control: dict[str, Any] | None = None
+        # Eager torch only: the step count kept on the host, so that the freeze check of
+        # TargetSparsity(hold="freeze") is no device read per step (see _freeze.at_step).
+        self._host_step: int | None = None
+        self._host_frozen = False
 
     # -- building ----------------------------------------------------------------------
     def build(self, var_list: list) -> None:
@@ -171,6 +175,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         self._numel = [math.prod(s) for s in shapes]
         self._log_scale = self.add_variable((), initializer="zeros", dtype="float32", name="log_scale")
         self._control_state = _control.create_state(self)
+        _freeze.create_state(self, var_list)
         self._typical = [
             self.add_variable((), initializer="zeros", dtype="float32", name=f"typical_{k}")
             for k in range(len(slots))
@@ -228,6 +233,36 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         """The multiplier on the strengths of the zero-making terms (TargetSparsity moves it)."""
         return ops.exp(_read(self._log_scale))
 
+    @property
+    def support_frozen(self) -> bool:
+        """Whether the zeros are fixed (one host read)."""
+        return self.built and bool(ops.convert_to_numpy(self._frozen) > 0)
+
+    def freeze_support(self, frozen: bool = True) -> None:
+        """Fix the zeros of the zero-making variables (or release them with ``frozen=False``).
+
+        While frozen, a step is the inner optimizer's step with the zeros'
+        gradients masked and the zeros re-imposed after it (momentum cannot revive
+        them); no prox is applied: the survivors train without the penalty, as in
+        the relaxed lasso's refit. Released, latent mode restarts its latent copies
+        from the weights (``γ = 0``). :class:`~sparsecraft.keras.callbacks.TargetSparsity`
+        with ``hold="freeze"`` does this inside the train step at ``freeze_step``,
+        after making the count exact. The torch library's
+        ``ProximalOptimizer.freeze_support`` is the same.
+
+        Raises:
+            TypeError: ``frozen`` is not a bool.
+            ValueError: the optimizer is not built yet.
+        """
+        if not isinstance(frozen, bool):
+            raise TypeError(f"Expected frozen to be a bool. Received: frozen={frozen!r}")
+        if not self.built:
+            raise ValueError("Expected a built optimizer (after build() or a first fit()). Received: not built")
+        if frozen:
+            _freeze.freeze(self, target=None)
+        else:
+            _freeze.release(self)
+
     # -- stepping ----------------------------------------------------------------------
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
         """Inner update, then the prox of each claimed variable (and the controller, if any)."""
@@ -245,12 +280,18 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         grads = list(grads)
         slots = [self._slot_of.get(self._get_variable_index(v)) for v in tvars]
         grads = self._remove_traced_penalty(grads, tvars, slots)
+        # A fixed support (after TargetSparsity's freeze_step or freeze_support()): the zeros'
+        # gradients are masked and the zeros re-imposed after the step; no prox. Before it the
+        # masks are ones (an exact no-op) and the flag 0, so one graph serves both phases.
+        frozen = _read(self._frozen) > 0
+        grads = [g * ops.cast(_read(self._masks[k]), g.dtype) if k in self._masks and g is not None else g
+                 for k, g in zip(slots, grads, strict=True)]
         lr = ops.cast(self.inner_optimizer.learning_rate, "float32")  # before the update moves the schedule
         active = [(k, v) for k, g, v in zip(slots, grads, tvars, strict=True) if k is not None and g is not None]
         if self.mode == "latent":
-            for k, v in active:
-                z = ops.where(_read(self._gammas[k]) > 0, _read(self._latents[k]), _read(v))  # γ = 0: not started
-                v.assign(ops.cast(z, v.dtype))
+            for k, v in active:  # γ = 0: not started; frozen: the shown weights train
+                use = ops.logical_and(_read(self._gammas[k]) > 0, ops.logical_not(frozen))
+                v.assign(ops.cast(ops.where(use, _read(self._latents[k]), _read(v)), v.dtype))
         self.inner_optimizer.apply(grads, tvars)
         scale = ops.exp(_read(self._log_scale))
         for k, v in active:
@@ -259,11 +300,14 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             if self.mode == "latent":
                 self._latents[k].assign(ops.copy(_read(v)))  # a copy: on JAX assign would share v's buffer
                 gamma = _read(self._gammas[k]) + lr
-                self._gammas[k].assign(gamma)
+                self._gammas[k].assign(ops.where(frozen, _read(self._gammas[k]), gamma))
                 step = ops.cast(gamma * m, v.dtype)
             else:
                 step = self._step(k, v, lr) * ops.cast(m, v.dtype)
-            v.assign(reg.prox(_read(v), step))
+            new = ops.where(frozen, _read(v), reg.prox(_read(v), step))
+            if k in self._masks:
+                new = new * ops.cast(_read(self._masks[k]), new.dtype)
+            v.assign(new)
         if self._control is not None:
             _control.update(self, self._control)
 
