@@ -49,7 +49,7 @@ def test_latent_target_is_reached_and_finalize_makes_it_exact() -> None:
 def test_forward_backward_finalize_cuts_the_smallest_magnitudes() -> None:
     x, y = _problem()
     model = _model(jit=False, mode="forward_backward")
-    ctrl = C.TargetSparsity(0.5, end_step=20, finalize=False)
+    ctrl = C.TargetSparsity(0.5, end_step=20, finalize=False, hold="track")
     model.fit(x, y, batch_size=16, epochs=8, shuffle=False, verbose=0, callbacks=[ctrl])
     kernel = ops.convert_to_numpy(model.layers[-1].kernel)
     before = int(np.sum(kernel == 0))
