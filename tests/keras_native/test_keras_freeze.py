@@ -144,3 +144,13 @@ def test_hold_and_freeze_step_errors() -> None:
         C.TargetSparsity(0.5, end_step=10, freeze_step=12.5)
     with pytest.raises(ValueError, match="only with hold='freeze'.*Received: hold='track', freeze_step=20"):
         C.TargetSparsity(0.5, end_step=10, hold="track", freeze_step=20)
+
+
+def test_finalize_without_zero_making_variables_says_so(lasso) -> None:
+    x, y = lasso
+    model = dense_model(R.L2(0.1))
+    model.compile(optimizer=O.ProximalOptimizer(keras.optimizers.SGD(0.05)), loss="mse")
+    ctrl = C.TargetSparsity(0.5, end_step=2, finalize=False)
+    model.fit(x, y, batch_size=64, epochs=3, shuffle=False, verbose=0, callbacks=[ctrl])
+    with pytest.raises(ValueError, match="makes zeros.*Received: 0 such elements"):
+        ctrl.finalize()

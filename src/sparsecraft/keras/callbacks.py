@@ -212,6 +212,11 @@ class TargetSparsity(keras.callbacks.Callback):
             (``frozen_at``: the step of the freeze, -1 without one).
         """
         opt = find_proximal_optimizer(self.model)
+        if not opt.built or _freeze.numel(opt) == 0:
+            raise ValueError(
+                "Expected a trained model with a variable whose regularizer makes zeros (L1, L1L2, "
+                f"GroupLasso). Received: {_freeze.numel(opt) if opt.built else 0} such elements"
+            )
         scalar = lambda v: float(ops.convert_to_numpy(v))  # noqa: E731
         if opt.support_frozen:
             return {"before": scalar(opt._before_freeze), "after": self.measured(), "target": self.target,

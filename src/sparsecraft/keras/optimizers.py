@@ -90,7 +90,9 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
     (:mod:`sparsecraft.keras.regularizers`, or Keras's ``L1``, ``L2``,
     ``L1L2``); at build its ``regularizer`` is set to None so the term leaves
     ``model.losses`` (:meth:`release` puts it back). Activity regularizers and
-    penalties without a prox stay in the loss.
+    penalties without a prox stay in the loss. :meth:`freeze_support` fixes
+    the zeros of the zero-making variables (one non-trainable mask each, an
+    optimizer variable: one more copy of each such variable, ones until then).
 
     Raises:
         TypeError: ``inner_optimizer`` is not a Keras optimizer, or is a ProximalOptimizer.
