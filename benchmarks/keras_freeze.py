@@ -12,6 +12,9 @@ end, then ``finalize()``) or ``hold="freeze"`` (its default ``freeze_step``:
 0.9 of the run; then fixed zeros, survivors without the penalty). Also one
 dense run (no penalty) per seed as the reference.
 
+``--mode forward_backward``: the same with forward–backward splitting (its
+default ``freeze_step`` is ``end_step``), written to ``keras_freeze_fb.json``.
+
 Each backend runs in its own process (``KERAS_BACKEND``), one thread per op
 pool. Writes ``benchmarks/results/keras_freeze.json``. Run
 ``python benchmarks/keras_freeze.py --backends torch jax --targets 0.99 0.997``
@@ -49,7 +52,7 @@ def _digits(seed: int):
     return f32(xtr), ytr.astype(np.int32), f32(xte), yte.astype(np.int32)
 
 
-def _one_run(hold: str | None, target: float, seed: int, epochs: int) -> dict:
+def _one_run(hold: str | None, target: float, seed: int, epochs: int, mode: str = "latent") -> dict:
     """One training run inside a process whose KERAS_BACKEND is set; ``hold=None``: dense."""
     import keras
     import numpy as np
@@ -64,7 +67,7 @@ def _one_run(hold: str | None, target: float, seed: int, epochs: int) -> dict:
                            kernel_initializer=keras.initializers.GlorotUniform(seed=100 * seed + i))
         for i, n in enumerate((256, 256, 10))])
     inner = keras.optimizers.SGD(LR, momentum=0.9)
-    opt = inner if hold is None else sk.ProximalOptimizer(inner, mode="latent")
+    opt = inner if hold is None else sk.ProximalOptimizer(inner, mode=mode)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     steps = epochs * -(-len(xtr) // BATCH)
     callbacks = []
@@ -88,14 +91,14 @@ def _one_run(hold: str | None, target: float, seed: int, epochs: int) -> dict:
     return row
 
 
-def _one_backend(targets: list[float], seeds: list[int], epochs: int) -> list[dict]:
+def _one_backend(targets: list[float], seeds: list[int], epochs: int, mode: str) -> list[dict]:
     rows = []
     for seed in seeds:
         rows.append(_one_run(None, 0.0, seed, epochs))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for target in targets:
             for hold in HOLDS:
-                rows.append(_one_run(hold, target, seed, epochs))
+                rows.append(_one_run(hold, target, seed, epochs, mode))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -132,30 +135,33 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "jax", "tensorflow"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.99])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--mode", default="latent", choices=["latent", "forward_backward"],
+                        help="the ProximalOptimizer's mode (forward_backward: results in keras_freeze_fb.json)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, seed 0, no file")
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     epochs, seeds = (2, [0]) if args.quick else (EPOCHS, args.seeds)
+    results = RESULTS if args.mode == "latent" else RESULTS.with_name("keras_freeze_fb.json")
     if args.summarize:
-        out = json.loads(RESULTS.read_text())
+        out = json.loads(results.read_text())
         for part in out["backends"].values():
             part.update(summary=_summary(part["runs"]), paired=_paired(part["runs"]))
-        RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+        results.write_text(json.dumps(out, indent=1) + "\n")
         print(json.dumps({b: p["paired"] for b, p in out["backends"].items()}, indent=1))
         return
     if args._child:
-        print(json.dumps(_one_backend(args.targets, seeds, epochs)))
+        print(json.dumps(_one_backend(args.targets, seeds, epochs, args.mode)))
         return
     out = {"command": "python benchmarks/keras_freeze.py " + " ".join(sys.argv[1:]),
            "settings": {"epochs": epochs, "batch": BATCH, "lr": LR, "momentum": 0.9, "lam_start": LAM,
-                        "ramp_fraction": RAMP_FRACTION, "model": "64-256-256-10", "mode": "latent"},
+                        "ramp_fraction": RAMP_FRACTION, "model": "64-256-256-10", "mode": args.mode},
            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
            "backends": {}}
     for backend in args.backends:
         env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
                    TF_NUM_INTEROP_THREADS="1", XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
-        cmd = [sys.executable, __file__, "--_child", "1", "--targets", *map(str, args.targets),
+        cmd = [sys.executable, __file__, "--_child", "1", "--mode", args.mode, "--targets", *map(str, args.targets),
                "--seeds", *map(str, seeds)] + (["--quick"] if args.quick else [])
         done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
         rows = json.loads(done.stdout.strip().splitlines()[-1])
@@ -163,8 +169,8 @@ def main() -> None:
         for s in out["backends"][backend]["summary"]:
             print(backend, json.dumps(s))
     if not args.quick:
-        RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {RESULTS}")
+        results.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {results}")
 
 
 if __name__ == "__main__":
