@@ -173,7 +173,8 @@ class TargetSparsity(keras.callbacks.Callback):
         if self.hold == "freeze" and self.config["freeze_step"] is None:
             self.freeze_step = self._default_freeze_step(self.model, opt)
         self.config["freeze_step"] = self.freeze_step
-        opt._host_step = None  # eager torch: the host's step count is read again at the first step
+        opt._host_step = None  # eager torch: the host's step count and flag are read again at the first step
+        opt._host_frozen = None
         opt._control = self.config
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -142,10 +142,10 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         self._family = _family(inner_optimizer)
         # Set by sparsecraft.keras.callbacks.TargetSparsity; read when the train step is traced.
         self._control: dict[str, Any] | None = None
-        # Eager torch only: the step count kept on the host, so that the freeze check of
-        # TargetSparsity(hold="freeze") is no device read per step (see _freeze.at_step).
+        # Eager torch only: the step count and the frozen flag kept on the host, so that neither
+        # the freeze check nor the choice of step reads the device per step (_freeze.host_frozen).
         self._host_step: int | None = None
-        self._host_frozen = False
+        self._host_frozen: bool | None = None
 
     # -- building ----------------------------------------------------------------------
     def build(self, var_list: list) -> None:
@@ -235,6 +235,11 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         """The multiplier on the strengths of the zero-making terms (TargetSparsity moves it)."""
         return ops.exp(_read(self._log_scale))
 
+    def load_own_variables(self, store: Any) -> None:
+        super().load_own_variables(store)
+        self._host_frozen = None  # the loaded flag may differ: eager torch reads it again
+        self._host_step = None
+
     @property
     def support_frozen(self) -> bool:
         """Whether the zeros are fixed (one host read)."""
@@ -284,15 +289,20 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         grads = self._remove_traced_penalty(grads, tvars, slots)
         # A fixed support (after TargetSparsity's freeze_step or freeze_support()): the zeros'
         # gradients are masked and the zeros re-imposed after the step; no prox. Before it the
-        # masks are ones (an exact no-op) and the flag 0, so one graph serves both phases.
-        frozen = _read(self._frozen) > 0
-        grads = [g * ops.cast(_read(self._masks[k]), g.dtype) if k in self._masks and g is not None else g
-                 for k, g in zip(slots, grads, strict=True)]
+        # masks are ones (an exact no-op) and the flag 0, so one graph serves both phases. Eager
+        # torch knows the flag on the host and leaves the masks out of an unfrozen step.
+        host = _freeze.host_frozen(self)
+        masked = host is None or host
+        frozen = _read(self._frozen) > 0 if masked else None
+        if masked:
+            grads = [g * ops.cast(_read(self._masks[k]), g.dtype) if k in self._masks and g is not None else g
+                     for k, g in zip(slots, grads, strict=True)]
         lr = ops.cast(self.inner_optimizer.learning_rate, "float32")  # before the update moves the schedule
         active = [(k, v) for k, g, v in zip(slots, grads, tvars, strict=True) if k is not None and g is not None]
         if self.mode == "latent":
             for k, v in active:  # γ = 0: not started; frozen: the shown weights train
-                use = ops.logical_and(_read(self._gammas[k]) > 0, ops.logical_not(frozen))
+                use = _read(self._gammas[k]) > 0
+                use = ops.logical_and(use, ops.logical_not(frozen)) if masked else use
                 v.assign(ops.cast(ops.where(use, _read(self._latents[k]), _read(v)), v.dtype))
         self.inner_optimizer.apply(grads, tvars)
         scale = ops.exp(_read(self._log_scale))
@@ -302,13 +312,15 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             if self.mode == "latent":
                 self._latents[k].assign(ops.copy(_read(v)))  # a copy: on JAX assign would share v's buffer
                 gamma = _read(self._gammas[k]) + lr
-                self._gammas[k].assign(ops.where(frozen, _read(self._gammas[k]), gamma))
+                self._gammas[k].assign(ops.where(frozen, _read(self._gammas[k]), gamma) if masked else gamma)
                 step = ops.cast(gamma * m, v.dtype)
             else:
                 step = self._step(k, v, lr) * ops.cast(m, v.dtype)
-            new = ops.where(frozen, _read(v), reg.prox(_read(v), step))
-            if k in self._masks:
-                new = new * ops.cast(_read(self._masks[k]), new.dtype)
+            new = reg.prox(_read(v), step)
+            if masked:
+                new = ops.where(frozen, _read(v), new)
+                if k in self._masks:
+                    new = new * ops.cast(_read(self._masks[k]), new.dtype)
             v.assign(new)
         if self._control is not None:
             _control.update(self, self._control)
