@@ -154,3 +154,18 @@ def test_finalize_without_zero_making_variables_says_so(lasso) -> None:
     model.fit(x, y, batch_size=64, epochs=3, shuffle=False, verbose=0, callbacks=[ctrl])
     with pytest.raises(ValueError, match="makes zeros.*Received: 0 such elements"):
         ctrl.finalize()
+
+
+def test_a_frozen_support_is_saved_and_loaded(lasso, tmp_path) -> None:
+    x, y = lasso
+    model = dense_model(R.L1(0.2))
+    model.compile(optimizer=O.ProximalOptimizer(keras.optimizers.SGD(0.05), mode="latent"), loss="mse")
+    model.fit(x, y, batch_size=64, epochs=40, shuffle=False, verbose=0)
+    model.optimizer.freeze_support()
+    w = _kernel(model)
+    assert 0 < int(np.sum(w == 0)) < 12
+    model.save(tmp_path / "frozen.keras")
+    loaded = keras.saving.load_model(tmp_path / "frozen.keras")
+    assert loaded.optimizer.support_frozen
+    loaded.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(_kernel(loaded), (w - 0.05 * mse_grad(x, y, w)) * (w != 0), atol=1e-5)
