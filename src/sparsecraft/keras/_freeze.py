@@ -18,6 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from . import _fine_tune
 from ._math import count_zeros
 
 # Bisection steps on log(multiplier) over a bracket of 4·LOG_BOUND ≈ 74: 40 halvings leave
@@ -181,7 +182,8 @@ def at_step(optimizer: Any, config: dict[str, Any]) -> None:
         else:
             optimizer._host_step += 1
         if optimizer._host_step >= freeze_step and not host_frozen(optimizer):
-            freeze(optimizer, config["target"], step=float(optimizer._host_step))
+            freeze(optimizer, config["target"], step=float(optimizer._host_step),
+                   lr_scale=config.get("fine_tune_scale", 1.0))
         return
     t = ops.cast(optimizer.iterations, "float32")
     due = ops.logical_and(t >= freeze_step, ops.convert_to_tensor(optimizer._frozen) <= 0)
@@ -191,7 +193,7 @@ def at_step(optimizer: Any, config: dict[str, Any]) -> None:
         + [ops.convert_to_tensor(x) for x in _scalars(optimizer)]
 
     def selected():
-        return _frozen_state(optimizer, config["target"], t)
+        return _frozen_state(optimizer, config["target"], t, config.get("fine_tune_scale", 1.0))
 
     new = ops.cond(due, selected, lambda: keep)
     for var, value in zip(targets + [optimizer._masks[k] for k in ks] + _scalars(optimizer), new, strict=True):
@@ -200,10 +202,11 @@ def at_step(optimizer: Any, config: dict[str, Any]) -> None:
 
 def _scalars(optimizer: Any) -> list:
     return [optimizer._log_scale, optimizer._frozen, optimizer._frozen_at, optimizer._before_freeze,
-            optimizer._scale_before_freeze, optimizer._latent_freeze, optimizer._control_state["measured"]]
+            optimizer._scale_before_freeze, optimizer._latent_freeze, optimizer._control_state["measured"],
+            optimizer._lr_scale]
 
 
-def _frozen_state(optimizer: Any, target: float, t: Any) -> list:
+def _frozen_state(optimizer: Any, target: float, t: Any, lr_scale: float) -> list:
     """The values after the freeze, in the order of :func:`at_step`'s variables."""
     ks = zero_making(optimizer)
     chosen = select(optimizer, target)
@@ -212,12 +215,16 @@ def _frozen_state(optimizer: Any, target: float, t: Any) -> list:
     masks = [ops.cast(ops.not_equal(v, 0), optimizer._masks[k].dtype) for k, v in zip(ks, values, strict=True)]
     f32 = lambda x: ops.cast(x, "float32")  # noqa: E731
     scalars = [f32(chosen["log_scale"]), f32(1.0), f32(t), f32(chosen["before"]),
-               ops.exp(ops.convert_to_tensor(optimizer._log_scale)), f32(chosen["latent"]), f32(chosen["after"])]
+               ops.exp(ops.convert_to_tensor(optimizer._log_scale)), f32(chosen["latent"]), f32(chosen["after"]),
+               f32(lr_scale)]
     return values + masks + scalars
 
 
-def freeze(optimizer: Any, target: float | None, step: float | None = None) -> None:
-    """Fix the support now (eagerly): select ``target`` first when given, else keep today's zeros."""
+def freeze(optimizer: Any, target: float | None, step: float | None = None, lr_scale: float = 1.0) -> None:
+    """Fix the support now (eagerly): select ``target`` first when given, else keep today's zeros.
+
+    ``lr_scale``: the inner optimizer's learning-rate multiplier while frozen (:mod:`._fine_tune`).
+    """
     ks = zero_making(optimizer)
     t = ops.cast(optimizer.iterations, "float32") if step is None else ops.convert_to_tensor(step, "float32")
     if target is None:
@@ -225,9 +232,9 @@ def freeze(optimizer: Any, target: float | None, step: float | None = None) -> N
         masks = [ops.not_equal(v, 0) for v in current]
         share = sum(float(ops.convert_to_numpy(count_zeros(v))) for v in current) / max(numel(optimizer), 1)
         s = ops.convert_to_tensor(optimizer._log_scale)
-        new = current + masks + [s, 1.0, t, share, ops.exp(s), 0.0, share]
+        new = current + masks + [s, 1.0, t, share, ops.exp(s), 0.0, share, lr_scale]
     else:
-        new = _frozen_state(optimizer, target, t)
+        new = _frozen_state(optimizer, target, t, lr_scale)
     targets = [optimizer._trainable_variables[optimizer._slots[k]] for k in ks]
     for var, value in zip(targets + [optimizer._masks[k] for k in ks] + _scalars(optimizer), new, strict=True):
         var.assign(ops.cast(value, var.dtype))
@@ -235,7 +242,8 @@ def freeze(optimizer: Any, target: float | None, step: float | None = None) -> N
 
 
 def release(optimizer: Any) -> None:
-    """Undo the freeze: masks back to ones; latent mode restarts its copies from the weights (γ = 0)."""
+    """Undo the freeze: masks back to ones, no lr multiplier, no average; latent mode restarts from the weights."""
+    _fine_tune.forget(optimizer)
     for mask in optimizer._masks.values():
         mask.assign(ops.ones_like(ops.convert_to_tensor(mask)))
     optimizer._frozen.assign(0.0)

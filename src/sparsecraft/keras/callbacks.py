@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import _freeze
+from . import _fine_tune, _freeze
 from .optimizers import ProximalOptimizer
 
 __all__ = ["TargetSparsity", "find_proximal_optimizer"]
@@ -80,6 +80,20 @@ class TargetSparsity(keras.callbacks.Callback):
             at the selection) and on a model with BatchNormalization — the torch
             controller's defaults. A run that ends before it is finalized at the
             end of ``fit()``, as with ``"track"``.
+        average: with ``hold="freeze"``, keep the average of every trainable
+            variable over the steps after the freeze (the k-th step after it
+            weighs k) and let :meth:`finalize` set the model to it at the end of
+            ``fit()``; the zeros stay zero. Default (None, set at the start of
+            ``fit()``): on in latent mode on a model without BatchNormalization
+            (whose running statistics belong to the last weights). One float32
+            copy of the trainable variables (optimizer variables), made only where on.
+        fine_tune_scale: with ``hold="freeze"``, the multiplier of the inner
+            optimizer's learning rate inside each step after the freeze (the
+            user's rate or schedule is not changed). Default (None):
+            ``1/sqrt(1 − target)`` for Adam, AdamW, Adagrad and RMSprop where
+            ``average`` defaults to on, 1 elsewhere (SGD included). Both are the
+            torch controller's, with its defaults (measured there: docs/optim.md,
+            fifth and sixth rounds; here: docs/keras.md).
 
     Attributes:
         history: one ``{"epoch", "measured", "target_now", "scale", "frozen"}`` per epoch.
@@ -106,6 +120,8 @@ class TargetSparsity(keras.callbacks.Callback):
         finalize: bool = True,
         hold: str = "freeze",
         freeze_step: int | None = None,
+        average: bool | None = None,
+        fine_tune_scale: float | None = None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
@@ -144,12 +160,29 @@ class TargetSparsity(keras.callbacks.Callback):
                     f"Expected an int freeze_step >= end_step={end_step} (the target is reached first). "
                     f"Received: freeze_step={freeze_step!r}"
                 )
+        if average is not None and not isinstance(average, bool):
+            raise ValueError(f"Expected average to be a bool or None. Received: average={average!r}")
+        if fine_tune_scale is not None and (
+                isinstance(fine_tune_scale, bool) or not isinstance(fine_tune_scale, (int, float))
+                or not math.isfinite(fine_tune_scale) or fine_tune_scale <= 0):
+            raise ValueError(
+                f"Expected fine_tune_scale as a finite number > 0 or None. Received: fine_tune_scale={fine_tune_scale!r}"
+            )
+        for name, v, off in (("average", average, False), ("fine_tune_scale", fine_tune_scale, 1.0)):
+            if v not in (None, off) and hold != "freeze":
+                raise ValueError(
+                    f"Expected hold='freeze' for {name}={v!r} (it acts on the fine-tuning after the zeros "
+                    f"are fixed). Received: hold={hold!r}"
+                )
         self.config = {"target": float(target), "start_step": start_step, "end_step": end_step,
                        "ramp": ramp, "initial": float(initial), "every": every,
                        "gain": float(gain), "drift": float(drift), "hold": hold, "freeze_step": freeze_step}
         self.target = float(target)
         self.hold = hold
         self.freeze_step = freeze_step  # None: resolved at the start of fit() (the optimizer's mode)
+        self._requested = (average, None if fine_tune_scale is None else float(fine_tune_scale))
+        self.average = average  # None: resolved at the start of fit(), as the two below
+        self.fine_tune_scale = self._requested[1]
         self.run_finalize = bool(finalize)
         self.history: list[dict[str, float]] = []
         self.final: dict[str, float] | None = None
@@ -162,8 +195,7 @@ class TargetSparsity(keras.callbacks.Callback):
         fixing the zeros helped the latent mode, except on a model with BatchNorm.
         """
         end, start = self.config["end_step"], self.config["start_step"]
-        batchnorm = any(isinstance(layer, keras.layers.BatchNormalization) for layer in _layers(model))
-        if opt.mode != "latent" or batchnorm:
+        if opt.mode != "latent" or _has_batchnorm(model):
             return end
         return end + round(_HOLD_SHARE * (end - start))
 
@@ -173,6 +205,12 @@ class TargetSparsity(keras.callbacks.Callback):
         if self.hold == "freeze" and self.config["freeze_step"] is None:
             self.freeze_step = self._default_freeze_step(self.model, opt)
         self.config["freeze_step"] = self.freeze_step
+        average, scale = _fine_tune.defaults(opt, self.hold, self.target, _has_batchnorm(self.model))
+        self.average = average if self._requested[0] is None else self._requested[0]
+        self.fine_tune_scale = scale if self._requested[1] is None else self._requested[1]
+        self.config["average"], self.config["fine_tune_scale"] = self.average, self.fine_tune_scale
+        if self.average and opt.built:
+            _fine_tune.create_average(opt)  # else at build, which reads opt._control
         opt._host_step = None  # eager torch: the host's step count and flag are read again at the first step
         opt._host_frozen = None
         opt._control = self.config
@@ -204,13 +242,16 @@ class TargetSparsity(keras.callbacks.Callback):
         """Make sparsity equal ``target`` (``round(target·numel)`` zeros); see the class doc.
 
         With the support already fixed (``hold="freeze"`` after ``freeze_step``,
-        or ``freeze_support()``) it changes nothing: it reports the freeze's
-        selection (``before``, ``scale_before``, ``latent``, ``frozen_at``) and
-        the sparsity now (``after``).
+        or ``freeze_support()``) it changes the zeros no more: with ``average``
+        it sets the model to the average of its weights since the freeze (and
+        starts that average over), then reports the freeze's selection
+        (``before``, ``scale_before``, ``latent``, ``frozen_at``) and the
+        sparsity now (``after``).
 
         Returns:
-            ``{"before", "after", "target", "scale_before", "scale_after", "latent", "frozen_at"}``
-            (``frozen_at``: the step of the freeze, -1 without one).
+            ``{"before", "after", "target", "scale_before", "scale_after", "latent", "frozen_at",
+            "averaged"}`` (``frozen_at``: the step of the freeze, -1 without one;
+            ``averaged``: how many steps after the freeze the written average held, 0 without one).
         """
         opt = find_proximal_optimizer(self.model)
         if not opt.built or _freeze.numel(opt) == 0:
@@ -220,9 +261,11 @@ class TargetSparsity(keras.callbacks.Callback):
             )
         scalar = lambda v: float(ops.convert_to_numpy(v))  # noqa: E731
         if opt.support_frozen:
+            averaged = _fine_tune.write_average(opt) if self.average else 0
             return {"before": scalar(opt._before_freeze), "after": self.measured(), "target": self.target,
                     "scale_before": scalar(opt._scale_before_freeze), "scale_after": scalar(opt.strength_scale()),
-                    "latent": scalar(opt._latent_freeze), "frozen_at": scalar(opt._frozen_at)}
+                    "latent": scalar(opt._latent_freeze), "frozen_at": scalar(opt._frozen_at),
+                    "averaged": float(averaged)}
         scale_before = scalar(opt.strength_scale())
         chosen = _freeze.select(opt, self.target)
         for k, value in zip(_freeze.zero_making(opt), chosen["values"], strict=True):
@@ -230,7 +273,7 @@ class TargetSparsity(keras.callbacks.Callback):
         opt._log_scale.assign(chosen["log_scale"])
         return {"before": scalar(chosen["before"]), "after": scalar(chosen["after"]), "target": self.target,
                 "scale_before": scale_before, "scale_after": scalar(opt.strength_scale()),
-                "latent": scalar(chosen["latent"]), "frozen_at": -1.0}
+                "latent": scalar(chosen["latent"]), "frozen_at": -1.0, "averaged": 0.0}
 
 
 def _layers(model: keras.Model) -> list:
@@ -240,3 +283,7 @@ def _layers(model: keras.Model) -> list:
         out.append(layer)
         out.extend(_layers(layer))
     return out
+
+
+def _has_batchnorm(model: keras.Model) -> bool:
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in _layers(model))

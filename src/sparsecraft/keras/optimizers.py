@@ -21,7 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from . import _control, _freeze
+from . import _control, _fine_tune, _freeze
 from ._math import count_zeros
 from .regularizers import ProximalRegularizer
 from .regularizers import get as _get_regularizer
@@ -188,6 +188,8 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
                 self.add_variable((), initializer="zeros", dtype="float32", name=f"gamma_{k}")
                 for k in range(len(slots))
             ]
+        # Last: the average's copies, when made after build (TargetSparsity, a load), come here too.
+        _fine_tune.create_state(self)
         if slots and self._family is None:
             warnings.warn(
                 f"ProximalOptimizer does not know the step size of {type(self.inner_optimizer).__name__}; "
@@ -236,6 +238,9 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         return ops.exp(_read(self._log_scale))
 
     def load_own_variables(self, store: Any) -> None:
+        if self.built and self._averages is None \
+                and len(store.keys()) == len(self.variables) + len(self._trainable_variables):
+            _fine_tune.create_average(self)  # saved after a fit with TargetSparsity(average=True)
         super().load_own_variables(store)
         self._host_frozen = None  # the loaded flag may differ: eager torch reads it again
         self._host_step = None
@@ -245,28 +250,37 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         """Whether the zeros are fixed (one host read)."""
         return self.built and bool(ops.convert_to_numpy(self._frozen) > 0)
 
-    def freeze_support(self, frozen: bool = True) -> None:
+    def freeze_support(self, frozen: bool = True, *, lr_scale: float = 1.0) -> None:
         """Fix the zeros of the zero-making variables (or release them with ``frozen=False``).
 
         While frozen, a step is the inner optimizer's step with the zeros'
         gradients masked and the zeros re-imposed after it (momentum cannot revive
         them); no prox is applied: the survivors train without the penalty, as in
-        the relaxed lasso's refit. Released, latent mode restarts its latent copies
-        from the weights (``γ = 0``). :class:`~sparsecraft.keras.callbacks.TargetSparsity`
+        the relaxed lasso's refit. While frozen, the inner optimizer's learning
+        rate is multiplied by ``lr_scale`` inside each step (its variable or
+        schedule is not changed). Released, latent mode restarts its latent copies
+        from the weights (``γ = 0``) and the multiplier is 1 again. :class:`~sparsecraft.keras.callbacks.TargetSparsity`
         with ``hold="freeze"`` does this inside the train step at ``freeze_step``,
         after making the count exact. The torch library's
         ``ProximalOptimizer.freeze_support`` is the same.
 
         Raises:
             TypeError: ``frozen`` is not a bool.
-            ValueError: the optimizer is not built yet.
+            ValueError: the optimizer is not built yet, or ``lr_scale`` is not a finite
+                number > 0 (or not 1 with ``frozen=False``).
         """
         if not isinstance(frozen, bool):
             raise TypeError(f"Expected frozen to be a bool. Received: frozen={frozen!r}")
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not math.isfinite(lr_scale) \
+                or lr_scale <= 0 or (not frozen and lr_scale != 1):
+            raise ValueError(
+                f"Expected lr_scale as a finite number > 0 (1 when releasing). "
+                f"Received: lr_scale={lr_scale!r}, frozen={frozen}"
+            )
         if not self.built:
             raise ValueError("Expected a built optimizer (after build() or a first fit()). Received: not built")
         if frozen:
-            _freeze.freeze(self, target=None)
+            _freeze.freeze(self, target=None, lr_scale=float(lr_scale))
         else:
             _freeze.release(self)
 
@@ -304,7 +318,8 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
                 use = _read(self._gammas[k]) > 0
                 use = ops.logical_and(use, ops.logical_not(frozen)) if masked else use
                 v.assign(ops.cast(ops.where(use, _read(self._latents[k]), _read(v)), v.dtype))
-        self.inner_optimizer.apply(grads, tvars)
+        with _fine_tune.scaled_learning_rate(self, frozen, host):  # fine_tune_scale while frozen
+            self.inner_optimizer.apply(grads, tvars)
         scale = ops.exp(_read(self._log_scale))
         for k, v in active:
             reg = self._regs[k]
@@ -324,6 +339,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             v.assign(new)
         if self._control is not None:
             _control.update(self, self._control)
+            _fine_tune.follow(self, _freeze.host_frozen(self))  # the average, after the freeze if it came now
 
     def _remove_traced_penalty(self, grads: list, tvars: list, slots: list) -> list:
         """Gradients without the prox terms that the loss of this very step still held.
