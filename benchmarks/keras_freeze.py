@@ -15,6 +15,15 @@ dense run (no penalty) per seed as the reference.
 ``--mode forward_backward``: the same with forward–backward splitting (its
 default ``freeze_step`` is ``end_step``), written to ``keras_freeze_fb.json``.
 
+``--compare fine_tune``: the fine-tuning after the freeze (``hold="freeze"``,
+latent mode), per optimizer and target (``--optimizers sgd adamw``; AdamW lr
+1e-3, weight decay 0.01, torch's defaults): one run with ``average=True,
+fine_tune_scale=1`` evaluated on its last weights (the plain freeze) and on
+the written average; for AdamW one more with the defaults (``fine_tune_scale
+= 1/sqrt(1 − target)``), evaluated on its last weights and on its average (the
+default). A seed's runs share everything up to the freeze, so the differences
+are paired. Written to ``keras_freeze_fine_tune.json``.
+
 Each backend runs in its own process (``KERAS_BACKEND``), one thread per op
 pool. Writes ``benchmarks/results/keras_freeze.json``. Run
 ``python benchmarks/keras_freeze.py --backends torch jax --targets 0.99 0.997``
@@ -52,43 +61,131 @@ def _digits(seed: int):
     return f32(xtr), ytr.astype(np.int32), f32(xte), yte.astype(np.int32)
 
 
+def _mlp(seed: int, reg):
+    import keras
+
+    return keras.Sequential([keras.Input((64,))] + [
+        keras.layers.Dense(n, activation="relu" if n != 10 else None, kernel_regularizer=reg,
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=100 * seed + i))
+        for i, n in enumerate((256, 256, 10))])
+
+
+def _evaluate(model, xte, yte) -> tuple[float, float, float]:
+    """Test accuracy, test cross-entropy and the share of exact zeros over the kernels."""
+    import keras
+    import numpy as np
+
+    logits = model.predict(xte, batch_size=512, verbose=0)
+    accuracy = float(np.mean(np.argmax(logits, -1) == yte))
+    shifted = logits - logits.max(-1, keepdims=True)
+    loss = float(np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(yte)), yte]))
+    kernels = [keras.ops.convert_to_numpy(layer.kernel) for layer in model.layers]
+    return accuracy, loss, sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+
+
 def _one_run(hold: str | None, target: float, seed: int, epochs: int, mode: str = "latent") -> dict:
     """One training run inside a process whose KERAS_BACKEND is set; ``hold=None``: dense."""
     import keras
-    import numpy as np
 
     import sparsecraft.keras as sk
 
     keras.utils.set_random_seed(seed)  # fit()'s shuffling
     xtr, ytr, xte, yte = _digits(seed)
-    reg = None if hold is None else sk.L1(LAM)
-    model = keras.Sequential([keras.Input((64,))] + [
-        keras.layers.Dense(n, activation="relu" if n != 10 else None, kernel_regularizer=reg,
-                           kernel_initializer=keras.initializers.GlorotUniform(seed=100 * seed + i))
-        for i, n in enumerate((256, 256, 10))])
+    model = _mlp(seed, None if hold is None else sk.L1(LAM))
     inner = keras.optimizers.SGD(LR, momentum=0.9)
     opt = inner if hold is None else sk.ProximalOptimizer(inner, mode=mode)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     steps = epochs * -(-len(xtr) // BATCH)
     callbacks = []
     if hold is not None:
-        ctrl = sk.TargetSparsity(target, end_step=max(1, round(RAMP_FRACTION * steps)), hold=hold)
+        # The fine-tuning's average and scale off: this compares the holds (--compare fine_tune: those two).
+        extra = {"average": False, "fine_tune_scale": 1.0} if hold == "freeze" else {}
+        ctrl = sk.TargetSparsity(target, end_step=max(1, round(RAMP_FRACTION * steps)), hold=hold, **extra)
         callbacks.append(ctrl)
     t0 = time.perf_counter()
     model.fit(xtr, ytr, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=callbacks)
     seconds = time.perf_counter() - t0
-    logits = model.predict(xte, batch_size=512, verbose=0)
-    accuracy = float(np.mean(np.argmax(logits, -1) == yte))
-    shifted = logits - logits.max(-1, keepdims=True)
-    loss = float(np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(yte)), yte]))
-    kernels = [keras.ops.convert_to_numpy(layer.kernel) for layer in model.layers]
-    zeros = sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+    accuracy, loss, zeros = _evaluate(model, xte, yte)
     row = {"hold": hold or "dense", "target": target if hold else 0.0, "seed": seed, "steps": steps,
            "test_accuracy": accuracy, "test_loss": loss, "sparsity": zeros, "seconds": round(seconds, 2)}
     if hold is not None:
         row.update(controller_sparsity=ctrl.final["before"], frozen_at=ctrl.final["frozen_at"],
                    freeze_step=ctrl.freeze_step, end_step=ctrl.config["end_step"])
     return row
+
+
+def _fine_tune_run(optimizer: str, target: float, seed: int, epochs: int, scaled: bool) -> dict:
+    """``hold="freeze"`` in latent mode with the average on; the last weights and the average, both evaluated.
+
+    ``scaled``: ``fine_tune_scale`` at its default (``1/sqrt(1 − target)`` for
+    AdamW), else 1.
+    """
+    import keras
+
+    import sparsecraft.keras as sk
+
+    keras.utils.set_random_seed(seed)
+    xtr, ytr, xte, yte = _digits(seed)
+    model = _mlp(seed, sk.L1(LAM))
+    inner = keras.optimizers.SGD(LR, momentum=0.9) if optimizer == "sgd" \
+        else keras.optimizers.AdamW(1e-3, weight_decay=0.01)
+    model.compile(optimizer=sk.ProximalOptimizer(inner, mode="latent"),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    steps = epochs * -(-len(xtr) // BATCH)
+    ctrl = sk.TargetSparsity(target, end_step=max(1, round(RAMP_FRACTION * steps)), average=True,
+                             fine_tune_scale=None if scaled else 1.0, finalize=False)
+    t0 = time.perf_counter()
+    model.fit(xtr, ytr, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[ctrl])
+    seconds = time.perf_counter() - t0
+    last = _evaluate(model, xte, yte)
+    final = ctrl.finalize()  # writes the average
+    average = _evaluate(model, xte, yte)
+    return {"optimizer": optimizer, "target": target, "seed": seed, "steps": steps,
+            "fine_tune_scale": ctrl.fine_tune_scale, "freeze_step": ctrl.freeze_step, "frozen_at": final["frozen_at"],
+            "averaged": final["averaged"], "last_accuracy": last[0], "last_loss": last[1], "last_sparsity": last[2],
+            "average_accuracy": average[0], "average_loss": average[1], "average_sparsity": average[2],
+            "seconds": round(seconds, 2)}
+
+
+def _fine_tune_backend(optimizers: list[str], targets: list[float], seeds: list[int], epochs: int) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        for optimizer in optimizers:
+            for target in targets:
+                for scaled in (False, True) if optimizer != "sgd" else (False,):  # SGD's default scale is 1
+                    rows.append(_fine_tune_run(optimizer, target, seed, epochs, scaled))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _fine_tune_variants(rows: list[dict], optimizer: str, target: float) -> dict[str, dict[int, float]]:
+    """Accuracy per seed of: the plain freeze, the average, the scale alone, the scale with the average."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if (r["optimizer"], r["target"]) != (optimizer, target):
+            continue
+        scaled = r["fine_tune_scale"] != 1.0
+        out.setdefault("scale" if scaled else "freeze", {})[r["seed"]] = r["last_accuracy"]
+        out.setdefault("scale+average" if scaled else "average", {})[r["seed"]] = r["average_accuracy"]
+    return out
+
+
+def _fine_tune_summary(rows: list[dict]) -> list[dict]:
+    """Per optimizer, target and variant: mean accuracy, and the paired difference to the plain freeze."""
+    out = []
+    for optimizer, target in sorted({(r["optimizer"], r["target"]) for r in rows}):
+        variants = _fine_tune_variants(rows, optimizer, target)
+        base = variants["freeze"]
+        for name, acc in variants.items():
+            seeds = sorted(set(acc) & set(base))
+            diffs = [acc[s] - base[s] for s in seeds]
+            out.append({"optimizer": optimizer, "target": target, "variant": name, "seeds": len(seeds),
+                        "mean_accuracy": statistics.mean(acc[s] for s in seeds),
+                        "vs_freeze": statistics.mean(diffs),
+                        "sem": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
+                        "better": sum(d > 0 for d in diffs), "equal": sum(d == 0 for d in diffs),
+                        "worse": sum(d < 0 for d in diffs)})
+    return out
 
 
 def _one_backend(targets: list[float], seeds: list[int], epochs: int, mode: str) -> list[dict]:
@@ -137,35 +234,48 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--mode", default="latent", choices=["latent", "forward_backward"],
                         help="the ProximalOptimizer's mode (forward_backward: results in keras_freeze_fb.json)")
+    parser.add_argument("--compare", default="holds", choices=["holds", "fine_tune"],
+                        help="holds: track vs freeze; fine_tune: average and fine_tune_scale after the freeze")
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"],
+                        help="with --compare fine_tune")
     parser.add_argument("--quick", action="store_true", help="2 epochs, seed 0, no file")
     parser.add_argument("--summarize", action="store_true", help="recompute the summaries of the results file")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     epochs, seeds = (2, [0]) if args.quick else (EPOCHS, args.seeds)
     results = RESULTS if args.mode == "latent" else RESULTS.with_name("keras_freeze_fb.json")
+    fine_tune = args.compare == "fine_tune"
+    if fine_tune:
+        results = RESULTS.with_name("keras_freeze_fine_tune.json")
     if args.summarize:
         out = json.loads(results.read_text())
         for part in out["backends"].values():
-            part.update(summary=_summary(part["runs"]), paired=_paired(part["runs"]))
+            part.update(summary=_fine_tune_summary(part["runs"])) if fine_tune \
+                else part.update(summary=_summary(part["runs"]), paired=_paired(part["runs"]))
         results.write_text(json.dumps(out, indent=1) + "\n")
-        print(json.dumps({b: p["paired"] for b, p in out["backends"].items()}, indent=1))
+        print(json.dumps({b: p["summary" if fine_tune else "paired"] for b, p in out["backends"].items()}, indent=1))
         return
     if args._child:
-        print(json.dumps(_one_backend(args.targets, seeds, epochs, args.mode)))
+        rows = _fine_tune_backend(args.optimizers, args.targets, seeds, epochs) if fine_tune \
+            else _one_backend(args.targets, seeds, epochs, args.mode)
+        print(json.dumps(rows))
         return
     out = {"command": "python benchmarks/keras_freeze.py " + " ".join(sys.argv[1:]),
            "settings": {"epochs": epochs, "batch": BATCH, "lr": LR, "momentum": 0.9, "lam_start": LAM,
-                        "ramp_fraction": RAMP_FRACTION, "model": "64-256-256-10", "mode": args.mode},
+                        "ramp_fraction": RAMP_FRACTION, "model": "64-256-256-10", "mode": args.mode,
+                        **({"adamw": {"lr": 1e-3, "weight_decay": 0.01}} if fine_tune else {})},
            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
            "backends": {}}
     for backend in args.backends:
         env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
                    TF_NUM_INTEROP_THREADS="1", XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
         cmd = [sys.executable, __file__, "--_child", "1", "--mode", args.mode, "--targets", *map(str, args.targets),
-               "--seeds", *map(str, seeds)] + (["--quick"] if args.quick else [])
+               "--seeds", *map(str, seeds), "--compare", args.compare, "--optimizers", *args.optimizers] \
+            + (["--quick"] if args.quick else [])
         done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
         rows = json.loads(done.stdout.strip().splitlines()[-1])
-        out["backends"][backend] = {"runs": rows, "summary": _summary(rows), "paired": _paired(rows)}
+        out["backends"][backend] = {"runs": rows, "summary": _fine_tune_summary(rows)} if fine_tune \
+            else {"runs": rows, "summary": _summary(rows), "paired": _paired(rows)}
         for s in out["backends"][backend]["summary"]:
             print(backend, json.dumps(s))
     if not args.quick:
