@@ -18,7 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from . import _fine_tune
+from . import _display, _fine_tune
 from ._math import count_zeros
 
 # Bisection steps on log(multiplier) over a bracket of 4·LOG_BOUND ≈ 74: 40 halvings leave
@@ -68,6 +68,10 @@ def _solve_latent(optimizer: Any, ks: list[int], wanted: float) -> tuple[list, A
 
     The zeros grow with the multiplier (the λ path); bisection in log space on
     ``log_scale ± 2·LOG_BOUND``, as ``TargetSparsity.finalize`` did on the host.
+    The values are what the optimizer shows (:mod:`._display`): with the relaxed
+    display the latent values on the prox's count per variable, as torch's
+    finalize takes them; the count is the prox's either way, so the bisection
+    counts the cheaper prox.
     """
     from ._control import LOG_BOUND
 
@@ -85,6 +89,9 @@ def _solve_latent(optimizer: Any, ks: list[int], wanted: float) -> tuple[list, A
     lo, hi, count_hi = ops.fori_loop(0, _BISECTIONS, halve, (lo, hi, count_hi))
     chosen = ops.where(ops.equal(count_hi, wanted), hi, lo)  # a tie past wanted: stay below, cut the rest
     _, values = _latent_count(optimizer, ks, chosen)
+    if _display.is_relaxed(optimizer):
+        values = [_display.relax(optimizer, k, ops.convert_to_tensor(optimizer._latents[k]), v)
+                  for k, v in zip(ks, values, strict=True)]
     return values, chosen
 
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import _fine_tune, _freeze
+from . import _display, _fine_tune, _freeze
 from .optimizers import ProximalOptimizer
 
 __all__ = ["TargetSparsity", "find_proximal_optimizer"]
@@ -45,8 +45,10 @@ class TargetSparsity(keras.callbacks.Callback):
     :class:`~sparsecraft.keras.optimizers.ProximalOptimizer` (no host sync per
     step, also under ``jit_compile``). It measures the fraction of exact zeros
     of the variables whose regularizer makes zeros; in ``"latent"`` mode those
-    hold ``prox(latent)``, so the zeros of the prox are counted, never those of
-    the dense latent copy.
+    hold ``prox(latent)`` or its relaxed display (the optimizer's ``relaxed``;
+    the same count per variable), so the zeros of the prox are counted, never
+    those of the dense latent copy. With ``relaxed=None`` the callback turns the
+    relaxed display on for adaptive optimizers, as the torch controller does.
 
     The exact count, ``round(target·numel)`` zeros, is made by a selection: in
     latent mode the strength multiplier is solved on the latent copies (the λ
@@ -213,6 +215,8 @@ class TargetSparsity(keras.callbacks.Callback):
             _fine_tune.create_average(opt)  # else at build, which reads opt._control
         opt._host_step = None  # eager torch: the host's step count and flag are read again at the first step
         opt._host_frozen = None
+        # relaxed=None: SGD's display is relaxed on a sequence model without BatchNorm (torch's rule).
+        opt._unshrunk_model = _display.sequence_model(_layers(self.model)) and not _has_batchnorm(self.model)
         opt._control = self.config
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from . import _control, _fine_tune, _freeze
+from . import _control, _display, _fine_tune, _freeze
 from ._math import count_zeros
 from .regularizers import ProximalRegularizer
 from .regularizers import get as _get_regularizer
@@ -84,6 +84,16 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             times the largest mean ``sqrt(v)`` the variable has had (taken at
             every step), so that a dying gradient cannot make its threshold
             explode (ProxGen, Yun et al. 2021). 0 disables it.
+        relaxed: latent mode only (ignored in forward–backward mode, as in
+            torch): show the latent values unshrunk on as many coordinates per
+            variable as ``prox_{γR}(z)`` keeps, 0 elsewhere (relaxed lasso);
+            under Adam/AdamW, Adagrad or RMSprop with an L1 or L1L2 term, the
+            coordinates with the largest ``|z|·(sqrt(v) + ε)^½`` (:mod:`._display`).
+            None (default): the torch library's choice: off at a fixed
+            strength; once a :class:`~sparsecraft.keras.callbacks.TargetSparsity`
+            steers it, on for Adam, AdamW, Adagrad and RMSprop, and for other
+            optimizers on a model with an RNN, MultiHeadAttention or Embedding
+            layer and no BatchNormalization.
         name: the optimizer's name.
 
     A variable is applied by prox when its ``regularizer`` has one
@@ -95,7 +105,8 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
     optimizer variable: one more copy of each such variable, ones until then).
 
     Raises:
-        TypeError: ``inner_optimizer`` is not a Keras optimizer, or is a ProximalOptimizer.
+        TypeError: ``inner_optimizer`` is not a Keras optimizer, or is a ProximalOptimizer;
+            ``relaxed`` is not a bool or None.
         ValueError: a bad ``mode`` or ``floor``, or an inner optimizer with
             ``gradient_accumulation_steps``.
 
@@ -110,6 +121,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: keras.optimizers.Optimizer,
         mode: str = "forward_backward",
         floor: float = 0.1,
+        relaxed: bool | None = None,
         name: str | None = None,
         **kwargs: Any,
     ):
@@ -139,9 +151,11 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer = inner_optimizer
         self.mode = mode
         self.floor = float(floor)
+        self.relaxed = _display.check(relaxed)
         self._family = _family(inner_optimizer)
         # Set by sparsecraft.keras.callbacks.TargetSparsity; read when the train step is traced.
         self._control: dict[str, Any] | None = None
+        self._unshrunk_model = False  # set by TargetSparsity: a sequence model without BatchNorm
         # Eager torch only: the step count and the frozen flag kept on the host, so that neither
         # the freeze check nor the choice of step reads the device per step (_freeze.host_frozen).
         self._host_step: int | None = None
@@ -331,7 +345,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
                 step = ops.cast(gamma * m, v.dtype)
             else:
                 step = self._step(k, v, lr) * ops.cast(m, v.dtype)
-            new = reg.prox(_read(v), step)
+            new = _display.show(self, k, _read(v), step) if self.mode == "latent" else reg.prox(_read(v), step)
             if masked:
                 new = ops.where(frozen, _read(v), new)
                 if k in self._masks:
@@ -365,20 +379,12 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
         inner, family = self.inner_optimizer, self._family
         if family in (None, "SGD"):
             return lr
-        idx = self._slots[k]
+        # Adam: ε outside the root; Adagrad, RMSprop: Keras divides by sqrt(v − ḡ² + ε).
+        denominator = _display.denominator(self, self._floored(k, _display.moment_root(self, k, dtype)))
         if family == "Adam":
-            v2 = _read(inner._velocity_hats[idx] if inner.amsgrad else inner._velocities[idx])
             t = ops.cast(inner.iterations, dtype)  # already incremented: the step just taken
-            coef = lr * ops.sqrt(1.0 - ops.power(ops.cast(inner.beta_2, dtype), t))
-            return coef / (self._floored(k, ops.sqrt(v2)) + inner.epsilon)
-        if family == "Adagrad":
-            return lr / ops.sqrt(self._floored(k, ops.sqrt(_read(inner._accumulators[idx]))) ** 2 + inner.epsilon)
-        # RMSprop: Keras divides by sqrt(v − ḡ² + ε) (ε inside the root).
-        second = _read(inner._velocities[idx])
-        if inner.centered:
-            second = second - ops.square(_read(inner._average_gradients[idx]))
-        root = ops.sqrt(ops.maximum(second, 0.0))
-        return lr / ops.sqrt(self._floored(k, root) ** 2 + inner.epsilon)
+            lr = lr * ops.sqrt(1.0 - ops.power(ops.cast(inner.beta_2, dtype), t))
+        return lr / denominator
 
     def _floored(self, k: int, root: Any) -> Any:
         if self.floor == 0:
@@ -402,6 +408,7 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "mode": self.mode,
             "floor": self.floor,
+            "relaxed": self.relaxed,
         }
 
     @classmethod
