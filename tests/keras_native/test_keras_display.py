@@ -189,3 +189,15 @@ def test_relaxed_must_be_a_bool_or_none_and_round_trips() -> None:
     for relaxed in (None, True, False):
         opt = O.ProximalOptimizer(keras.optimizers.Adam(), mode="latent", relaxed=relaxed)
         assert O.ProximalOptimizer.from_config(opt.get_config()).relaxed is relaxed
+
+
+def test_rank_cut_keeps_exactly_count_largest_with_ties_in_index_order() -> None:
+    rng = np.random.default_rng(3)
+    score = rng.random((40, 30)).astype("float32")
+    score[:4] = 0.0  # never-updated coordinates
+    score[10, :6] = score[10, 7]  # a tie of 7 equal scores
+    flat = score.reshape(-1)
+    for count in (0, 1, 500, int(np.sum(flat > score[10, 7])) + 3, flat.size - 100, flat.size):
+        keep = ops.convert_to_numpy(_display._top(ops.convert_to_tensor(score), ops.convert_to_tensor(count)))
+        expected = _largest(score, count)  # numpy: a stable sort, ties in index order
+        np.testing.assert_array_equal(keep, expected, err_msg=f"count={count}")

@@ -16,23 +16,25 @@ Adam's coordinates by how consistent their gradient was, not by how large.
 Otherwise (SGD, a group penalty) the prox's own survivors. The count per
 variable, and so what the controller measures, is the prox's.
 
-The rank cut is one sort per variable and a cumulative sum for the ties at the
-cut (filled in index order, as torch does), inside the train step: no host sync.
+The rank cut is a bisection on the scores' float32 bits and a cumulative sum
+for the ties at the cut (filled in index order, as torch does), inside the
+train step: no host sync (:func:`_top`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
 from keras import ops
 
-from ._math import at_least_float32
 from .regularizers import L1, L1L2
 
 # The ranking's power on the step's denominator (torch's RANK_POWER; docs/optim.md, fourth round).
 RANK_POWER = 0.5
+# float32 +inf read as int32: the largest score; 31 halvings close the bracket [-1, _INF_BITS].
+_INF_BITS = 0x7F800000
+_BIT_STEPS = 31
 _ADAPTIVE = ("Adam", "Adagrad", "RMSprop")  # ProximalOptimizer._family; AdamW is "Adam"
 # SGD's display under the controller: relaxed on a sequence model without BatchNormalization
 # (torch's _unshrunk_sequence_model: shrinkage compounds through recurrence and attention).
@@ -114,21 +116,36 @@ def relax(optimizer: Any, k: int, z: Any, shown: Any) -> Any:
 
 def _score(optimizer: Any, k: int, z: Any) -> Any:
     """``|z|·d^RANK_POWER`` in float32; a non-finite ``sqrt(v)`` counts as 0 (torch's nan_to_num)."""
-    z = at_least_float32(z)
-    root = moment_root(optimizer, k, keras.backend.standardize_dtype(z.dtype))
+    root = moment_root(optimizer, k, "float32")
     root = ops.where(ops.isfinite(root), root, ops.zeros_like(root))
-    return ops.abs(z) * ops.power(denominator(optimizer, root), RANK_POWER)
+    return ops.abs(ops.cast(z, "float32")) * ops.power(denominator(optimizer, root), RANK_POWER)
 
 
 def _top(score: Any, count: Any) -> Any:
-    """A boolean mask of ``score``'s shape: its ``count`` largest entries (ties at the cut in index order)."""
+    """A boolean mask of ``score``'s shape: its ``count`` largest entries (ties at the cut in index order).
+
+    ``score`` is float32 and >= 0, so its bit patterns read as int32 have the
+    order of its values: the cut, the smallest ``T`` with ``#(bits > T) <= count``
+    (an entry's value, the one a sort would put there), is found by bisection on
+    the integers in ``_BIT_STEPS`` count passes, all in the graph. Measured on one
+    CPU thread, a 256×256 variable: 4 ms against 28 ms for ``ops.sort`` on JAX,
+    5.5 against 6 ms on eager torch.
+    """
     flat = ops.reshape(score, (-1,))
-    n = math.prod(int(d) for d in score.shape)
+    bits = ops.view(flat, "int32")
     count = ops.cast(count, "int32")
-    cut = ops.take(ops.sort(flat), ops.clip(n - count - 1, 0, n - 1))  # count entries lie above it (no ties)
-    above = flat > cut
+
+    def halve(_, bracket):  # #(bits > hi) <= count < #(bits > lo)
+        lo, hi = bracket
+        mid = lo + (hi - lo) // 2
+        enough = ops.sum(ops.cast(bits > mid, "int32")) <= count
+        return ops.where(enough, lo, mid), ops.where(enough, mid, hi)
+
+    start = (ops.convert_to_tensor(-1, "int32"), ops.convert_to_tensor(_INF_BITS, "int32"))
+    _, cut = ops.fori_loop(0, _BIT_STEPS, halve, start)
+    above = bits > cut
     short = count - ops.sum(ops.cast(above, "int32"))
-    ties = ops.equal(flat, cut)
+    ties = ops.equal(bits, cut)
     tie_rank = ops.cumsum(ops.cast(ties, "int32"))  # 1, 2, … along the ties, in index order
     keep = ops.logical_or(above, ops.logical_and(ties, tie_rank <= short))
     return ops.reshape(keep, score.shape)
