@@ -24,6 +24,13 @@ the written average; for AdamW one more with the defaults (``fine_tune_scale
 default). A seed's runs share everything up to the freeze, so the differences
 are paired. Written to ``keras_freeze_fine_tune.json``.
 
+``--compare display``: AdamW (lr 1e-3, weight decay 0.01) in latent mode
+with the callback's defaults (``hold="freeze"``, the average, ``fine_tune_scale
+= 1/sqrt(1 − target)``, ``finalize()`` at the end), the model showing
+``prox(z)`` (``relaxed=False``, the soft display) or the relaxed display
+(``relaxed=None``, the default under TargetSparsity for AdamW), paired per
+seed. Written to ``keras_freeze_display.json``.
+
 Each backend runs in its own process (``KERAS_BACKEND``), one thread per op
 pool. Writes ``benchmarks/results/keras_freeze.json``. Run
 ``python benchmarks/keras_freeze.py --backends torch jax --targets 0.99 0.997``
@@ -147,6 +154,61 @@ def _fine_tune_run(optimizer: str, target: float, seed: int, epochs: int, scaled
             "seconds": round(seconds, 2)}
 
 
+def _display_run(target: float, seed: int, epochs: int, relaxed: bool) -> dict:
+    """AdamW in latent mode with the callback's defaults; the soft (``relaxed=False``) or the default display."""
+    import keras
+
+    import sparsecraft.keras as sk
+    from sparsecraft.keras import _display
+
+    keras.utils.set_random_seed(seed)
+    xtr, ytr, xte, yte = _digits(seed)
+    model = _mlp(seed, sk.L1(LAM))
+    opt = sk.ProximalOptimizer(keras.optimizers.AdamW(1e-3, weight_decay=0.01), mode="latent",
+                               relaxed=None if relaxed else False)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    steps = epochs * -(-len(xtr) // BATCH)
+    ctrl = sk.TargetSparsity(target, end_step=max(1, round(RAMP_FRACTION * steps)))
+    t0 = time.perf_counter()
+    model.fit(xtr, ytr, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[ctrl])
+    seconds = time.perf_counter() - t0
+    accuracy, loss, zeros = _evaluate(model, xte, yte)  # after finalize(): the average
+    return {"display": "relaxed" if _display.is_relaxed(opt) else "soft", "target": target, "seed": seed,
+            "steps": steps, "fine_tune_scale": ctrl.fine_tune_scale, "average": ctrl.average,
+            "frozen_at": ctrl.final["frozen_at"], "controller_sparsity": ctrl.final["before"],
+            "test_accuracy": accuracy, "test_loss": loss, "sparsity": zeros, "seconds": round(seconds, 2)}
+
+
+def _display_backend(targets: list[float], seeds: list[int], epochs: int) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        for target in targets:
+            for relaxed in (False, True):
+                rows.append(_display_run(target, seed, epochs, relaxed))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _display_summary(rows: list[dict]) -> list[dict]:
+    """Per target and display: mean accuracy, and relaxed minus soft seed by seed."""
+    out = []
+    for target in sorted({r["target"] for r in rows}):
+        acc = {(r["display"], r["seed"]): r["test_accuracy"] for r in rows if r["target"] == target}
+        seeds = sorted(s for d, s in acc if d == "soft" and ("relaxed", s) in acc)
+        diffs = [acc[("relaxed", s)] - acc[("soft", s)] for s in seeds]
+        for display in ("soft", "relaxed"):
+            vals = [acc[(display, s)] for s in seeds]
+            out.append({"target": target, "display": display, "seeds": len(seeds),
+                        "mean_accuracy": statistics.mean(vals),
+                        "sem": statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else None})
+        out.append({"target": target, "display": "relaxed - soft", "seeds": len(seeds),
+                    "mean_difference": statistics.mean(diffs),
+                    "sem": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
+                    "relaxed_better": sum(d > 0 for d in diffs), "equal": sum(d == 0 for d in diffs),
+                    "soft_better": sum(d < 0 for d in diffs)})
+    return out
+
+
 def _fine_tune_backend(optimizers: list[str], targets: list[float], seeds: list[int], epochs: int) -> list[dict]:
     rows = []
     for seed in seeds:
@@ -234,8 +296,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--mode", default="latent", choices=["latent", "forward_backward"],
                         help="the ProximalOptimizer's mode (forward_backward: results in keras_freeze_fb.json)")
-    parser.add_argument("--compare", default="holds", choices=["holds", "fine_tune"],
-                        help="holds: track vs freeze; fine_tune: average and fine_tune_scale after the freeze")
+    parser.add_argument("--compare", default="holds", choices=["holds", "fine_tune", "display"],
+                        help="holds: track vs freeze; fine_tune: average and fine_tune_scale after the freeze; "
+                             "display: AdamW's soft vs relaxed latent display")
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"],
                         help="with --compare fine_tune")
     parser.add_argument("--quick", action="store_true", help="2 epochs, seed 0, no file")
@@ -244,26 +307,30 @@ def main() -> None:
     args = parser.parse_args()
     epochs, seeds = (2, [0]) if args.quick else (EPOCHS, args.seeds)
     results = RESULTS if args.mode == "latent" else RESULTS.with_name("keras_freeze_fb.json")
-    fine_tune = args.compare == "fine_tune"
-    if fine_tune:
-        results = RESULTS.with_name("keras_freeze_fine_tune.json")
+    fine_tune, display = args.compare == "fine_tune", args.compare == "display"
+    if fine_tune or display:
+        results = RESULTS.with_name(f"keras_freeze_{args.compare}.json")
+    summarize = _fine_tune_summary if fine_tune else _display_summary if display else _summary
     if args.summarize:
         out = json.loads(results.read_text())
         for part in out["backends"].values():
-            part.update(summary=_fine_tune_summary(part["runs"])) if fine_tune \
-                else part.update(summary=_summary(part["runs"]), paired=_paired(part["runs"]))
+            part.update(summary=summarize(part["runs"]))
+            if summarize is _summary:
+                part.update(paired=_paired(part["runs"]))
         results.write_text(json.dumps(out, indent=1) + "\n")
-        print(json.dumps({b: p["summary" if fine_tune else "paired"] for b, p in out["backends"].items()}, indent=1))
+        key = "paired" if summarize is _summary else "summary"
+        print(json.dumps({b: p[key] for b, p in out["backends"].items()}, indent=1))
         return
     if args._child:
         rows = _fine_tune_backend(args.optimizers, args.targets, seeds, epochs) if fine_tune \
+            else _display_backend(args.targets, seeds, epochs) if display \
             else _one_backend(args.targets, seeds, epochs, args.mode)
         print(json.dumps(rows))
         return
     out = {"command": "python benchmarks/keras_freeze.py " + " ".join(sys.argv[1:]),
            "settings": {"epochs": epochs, "batch": BATCH, "lr": LR, "momentum": 0.9, "lam_start": LAM,
                         "ramp_fraction": RAMP_FRACTION, "model": "64-256-256-10", "mode": args.mode,
-                        **({"adamw": {"lr": 1e-3, "weight_decay": 0.01}} if fine_tune else {})},
+                        **({"adamw": {"lr": 1e-3, "weight_decay": 0.01}} if fine_tune or display else {})},
            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
            "backends": {}}
     for backend in args.backends:
@@ -274,8 +341,9 @@ def main() -> None:
             + (["--quick"] if args.quick else [])
         done = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
         rows = json.loads(done.stdout.strip().splitlines()[-1])
-        out["backends"][backend] = {"runs": rows, "summary": _fine_tune_summary(rows)} if fine_tune \
-            else {"runs": rows, "summary": _summary(rows), "paired": _paired(rows)}
+        out["backends"][backend] = {"runs": rows, "summary": summarize(rows)}
+        if summarize is _summary:
+            out["backends"][backend]["paired"] = _paired(rows)
         for s in out["backends"][backend]["summary"]:
             print(backend, json.dumps(s))
     if not args.quick:
