@@ -336,6 +336,12 @@ class ProximalOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(grads, tvars)
         scale = ops.exp(_read(self._log_scale))
         for k, v in active:
+            if host:  # eager torch, support fixed: what the masked branch below keeps, without the prox
+                if k in self._masks:
+                    v.assign(_read(v) * ops.cast(_read(self._masks[k]), v.dtype))
+                if self.mode == "latent":
+                    self._latents[k].assign(ops.copy(_read(v)))
+                continue
             reg = self._regs[k]
             m = scale if reg.makes_zeros else 1.0
             if self.mode == "latent":
