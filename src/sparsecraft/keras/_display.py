@@ -35,7 +35,9 @@ RANK_POWER = 0.5
 # float32 +inf read as int32: the largest score; 31 halvings close the bracket [-1, _INF_BITS].
 _INF_BITS = 0x7F800000
 _BIT_STEPS = 31
-_ADAPTIVE = ("Adam", "Adagrad", "RMSprop")  # ProximalOptimizer._family; AdamW is "Adam"
+# The adaptive families (ProximalOptimizer._family; AdamW is "Adam"): the relaxed display and
+# _fine_tune's learning-rate scale apply to them.
+ADAPTIVE = ("Adam", "Adagrad", "RMSprop")
 # SGD's display under the controller: relaxed on a sequence model without BatchNormalization
 # (torch's _unshrunk_sequence_model: shrinkage compounds through recurrence and attention).
 _SEQUENCE = (keras.layers.RNN, keras.layers.MultiHeadAttention, keras.layers.Embedding)
@@ -72,7 +74,7 @@ def is_relaxed(optimizer: Any) -> bool:
         return optimizer.relaxed
     if optimizer._control is None:
         return False
-    return optimizer._family in _ADAPTIVE or optimizer._unshrunk_model
+    return optimizer._family in ADAPTIVE or optimizer._unshrunk_model
 
 
 def moment_root(optimizer: Any, k: int, dtype: str) -> Any:
@@ -98,7 +100,7 @@ def denominator(optimizer: Any, root: Any) -> Any:
 
 
 def _ranked(optimizer: Any, k: int) -> bool:
-    return optimizer._family in _ADAPTIVE and type(optimizer._regs[k]) in (L1, L1L2)
+    return optimizer._family in ADAPTIVE and type(optimizer._regs[k]) in (L1, L1L2)
 
 
 def relax(optimizer: Any, k: int, z: Any, shown: Any) -> Any:

@@ -35,7 +35,7 @@ from typing import Any
 import keras
 from keras import ops
 
-_ADAPTIVE = ("Adam", "Adagrad", "RMSprop")  # the optimizer's family; AdamW is "Adam"
+from ._display import ADAPTIVE
 
 
 def create_state(optimizer: Any) -> None:
@@ -76,7 +76,7 @@ def defaults(optimizer: Any, hold: str, target: float, batchnorm: bool) -> tuple
     docs/optim.md, fifth and sixth rounds.
     """
     on = hold == "freeze" and optimizer.mode == "latent" and not batchnorm
-    scale = 1.0 / math.sqrt(1.0 - target) if on and optimizer._family in _ADAPTIVE else 1.0
+    scale = 1.0 / math.sqrt(1.0 - target) if on and optimizer._family in ADAPTIVE else 1.0
     return on, scale
 
 
